@@ -1,0 +1,39 @@
+"""stablepipe: the Stable Diffusion pipeline family in PyTorch, drop-in compatible with diffusers."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Public name -> module that defines it. Imported on first use, so `import stablepipe` stays cheap.
+_EXPORTS = {
+    "UNet2DConditionModel": "stablepipe.models.unet",
+    "AutoencoderKL": "stablepipe.models.vae",
+    "StableDiffusionSafetyChecker": "stablepipe.models.safety",
+    "ModelMixin": "stablepipe.models.base",
+    "ConfigMixin": "stablepipe.configuration",
+    "DiffusionPipeline": "stablepipe.pipelines.base",
+    "StableDiffusionPipeline": "stablepipe.pipelines.stable_diffusion",
+    "StableDiffusionPipelineOutput": "stablepipe.pipelines.base",
+}
+
+
+def _scheduler_exports() -> dict[str, str]:
+    from stablepipe.schedulers import SCHEDULER_CLASSES
+
+    return {name: "stablepipe.schedulers" for name in SCHEDULER_CLASSES}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None and name.endswith("Scheduler"):
+        module = _scheduler_exports().get(name)
+    if module is None:
+        raise AttributeError(f"module 'stablepipe' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted([*_EXPORTS, *globals()])
