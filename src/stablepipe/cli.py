@@ -1,0 +1,194 @@
+"""The `stablepipe` command: one subcommand per task, the same flag names everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+class UsageError(Exception):
+    """Bad input on the command line: printed as one line, exit status 2."""
+
+
+# ---- shared flags ----------------------------------------------------------------------------------------
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", help="Hub repo id or local diffusers folder (default: the built-in tiny model)")
+    group.add_argument("--variant", help="weight variant to load, e.g. fp16")
+    group.add_argument("--revision", help="Hub revision (branch, tag or commit)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
+    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights' dtype (default: float32 on CPU, float16 on CUDA)")
+    group.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
+
+
+def add_generation_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("generation")
+    group.add_argument("--negative-prompt", default=None, help="what the image should not show")
+    group.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    group.add_argument("--scheduler", default=None, help='sampler by its usual name, e.g. "DPM++ 2M Karras"; "list" lists them')
+    group.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed and saved)")
+    group.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8")
+    group.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8")
+    group.add_argument("--num-images", type=int, default=1, help="how many images to make")
+    group.add_argument("--clip-skip", type=int, default=None, help="use the CLIP layer this many from the end")
+
+
+def add_output_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("output")
+    group.add_argument("--out", default="outputs", help="a folder, or a .png path (default: ./outputs)")
+    group.add_argument("--json", action="store_true", help="print the written files and settings as JSON")
+    group.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stablepipe", description="Stable Diffusion pipelines, from scratch in PyTorch.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    generate = commands.add_parser("generate", help="text-to-image", description="Make images from a text prompt.")
+    generate.add_argument("prompt", help="what to draw")
+    add_model_flags(generate)
+    add_generation_flags(generate)
+    add_output_flags(generate)
+    generate.set_defaults(run=run_generate)
+    return parser
+
+
+# ---- running -----------------------------------------------------------------------------------------------
+
+
+def pick_device_and_dtype(device: str, dtype: str):
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "float16" if device.startswith("cuda") else "float32"
+    return torch.device(device), getattr(torch, dtype)
+
+
+def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
+    """The pipeline named by --model, or the built-in tiny one, on --device in --dtype."""
+    from stablepipe.builtin import builtin_model_path
+
+    model = args.model
+    if model is None:
+        say("No --model given: using the built-in tiny model (random weights, the picture is noise).")
+        model = builtin_model_path()
+    device, dtype = pick_device_and_dtype(args.device, args.dtype)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if args.no_safety_checker else {}
+    pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
+    if args.scheduler:
+        from stablepipe.schedulers.names import scheduler_from_name
+
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=args.quiet or args.json)
+    return pipe.to(device)
+
+
+def seeds_for(args: argparse.Namespace) -> list[int]:
+    if args.num_images < 1:
+        raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
+    first = args.seed if args.seed is not None else random.randrange(2**32)
+    return [first + i for i in range(args.num_images)]
+
+
+def generation_kwargs(args: argparse.Namespace, seeds: list[int]) -> dict[str, Any]:
+    import torch
+
+    kwargs = {
+        "negative_prompt": args.negative_prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
+        "width": args.width, "height": args.height, "clip_skip": args.clip_skip,
+        "generator": [torch.Generator().manual_seed(s) for s in seeds],
+    }
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def output_paths(out: str, seeds: list[int], suffix: str = "") -> list[Path]:
+    """Where each image goes: `--out x.png` for one image (x-0.png, x-1.png ... for several), else a folder."""
+    target = Path(out)
+    if target.suffix.lower() == ".png":
+        if len(seeds) == 1:
+            return [target.with_name(target.stem + suffix + ".png")]
+        return [target.with_name(f"{target.stem}-{i}{suffix}.png") for i in range(len(seeds))]
+    existing = len(list(target.glob("*.png"))) if target.is_dir() else 0
+    return [target / f"{existing + i:05d}-{seed}{suffix}.png" for i, seed in enumerate(seeds)]
+
+
+def save_png(image, path: Path, settings: dict[str, Any]) -> None:
+    """Write a PNG with the settings as text chunks: `parameters` in AUTOMATIC1111's format, and JSON."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    a1111 = settings.get("prompt", "")
+    if settings.get("negative_prompt"):
+        a1111 += f"\nNegative prompt: {settings['negative_prompt']}"
+    keys = ("steps", "scheduler", "guidance", "seed", "width", "height", "model")
+    a1111 += "\n" + ", ".join(f"{k.capitalize()}: {settings[k]}" for k in keys if settings.get(k) is not None)
+    info.add_text("parameters", a1111)
+    info.add_text("stablepipe", json.dumps(settings))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+
+
+def run_generate(args: argparse.Namespace, say) -> dict[str, Any]:
+    from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    seeds = seeds_for(args)
+    pipe = load_pipeline(StableDiffusionPipeline, args, say)
+    result = pipe(args.prompt, **generation_kwargs(args, seeds))
+    return write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
+
+
+def write_images(images, args: argparse.Namespace, seeds: list[int], pipe, *, flags=None) -> dict[str, Any]:
+    width, height = images[0].size
+    settings = {
+        "command": args.command, "prompt": getattr(args, "prompt", None), "negative_prompt": args.negative_prompt,
+        "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler or type(pipe.scheduler).__name__,
+        "width": width, "height": height, "model": str(args.model or "builtin"),
+    }
+    files = []
+    for index, (image, path, seed) in enumerate(zip(images, output_paths(args.out, seeds), seeds)):
+        save_png(image, path, {**settings, "seed": seed})
+        files.append({"path": str(path), "seed": seed, "nsfw": bool(flags[index]) if flags else False})
+    return {"files": files, "settings": settings}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--scheduler" in argv and argv[argv.index("--scheduler") + 1 :][:1] == ["list"]:
+        from stablepipe.schedulers.names import list_scheduler_names
+
+        print("\n".join(list_scheduler_names()))
+        return 0
+    args = build_parser().parse_args(argv)
+    quiet = args.json or getattr(args, "quiet", False)
+
+    def say(message: str) -> None:
+        if not quiet:
+            print(message, file=sys.stderr)
+
+    try:
+        report = args.run(args, say)
+    except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as err:
+        print(f"stablepipe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for entry in report["files"]:
+            print(f"wrote {entry['path']} (seed {entry['seed']})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

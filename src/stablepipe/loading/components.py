@@ -1,0 +1,184 @@
+"""Pipeline components: which class loads each entry of `model_index.json`, loading, saving, Hub downloads."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stablepipe.loading.files import snapshot
+
+# Libraries named in model_index.json whose classes stablepipe implements itself.
+OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stablepipe"}
+
+# Our classes by diffusers' name; schedulers are looked up in stablepipe.schedulers.
+OUR_CLASSES = {
+    "UNet2DConditionModel": "stablepipe.models.unet",
+    "AutoencoderKL": "stablepipe.models.vae",
+    "StableDiffusionSafetyChecker": "stablepipe.models.safety",
+}
+
+# Old transformers names still found in published model_index.json files.
+TRANSFORMERS_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor", "DPTFeatureExtractor": "DPTImageProcessor"}
+
+
+def resolve_class(library: str, class_name: str, *, component: str) -> type:
+    """The class that loads one component, or a clear error saying what is supported."""
+    if library in OUR_LIBRARIES:
+        if class_name in OUR_CLASSES:
+            return getattr(importlib.import_module(OUR_CLASSES[class_name]), class_name)
+        from stablepipe.schedulers import SCHEDULER_CLASSES
+
+        if class_name in SCHEDULER_CLASSES:
+            return SCHEDULER_CLASSES[class_name]
+        if class_name.endswith("Scheduler"):
+            raise ValueError(
+                f"unknown scheduler {class_name!r} for component {component!r}; stablepipe knows "
+                f"{', '.join(sorted(SCHEDULER_CLASSES))}. Pass `scheduler=` to from_pretrained to choose one."
+            )
+        raise ValueError(
+            f"component {component!r} is a {library}.{class_name}, which stablepipe does not implement; "
+            f"it implements {', '.join(sorted(OUR_CLASSES))} and the schedulers"
+        )
+    if library == "transformers":
+        import transformers
+
+        name = TRANSFORMERS_ALIASES.get(class_name, class_name)
+        if hasattr(transformers, name):
+            return getattr(transformers, name)
+    raise ValueError(f"component {component!r}: cannot load {library}.{class_name}")
+
+
+def load_component(cls: type, folder: Path, *, torch_dtype: torch.dtype | None, variant: str | None) -> Any:
+    """Load one component folder with the class's own `from_pretrained`, checking weights strictly."""
+    import transformers
+
+    if issubclass(cls, transformers.PreTrainedModel):
+        return load_transformers_model(cls, folder, torch_dtype=torch_dtype, variant=variant)
+    if issubclass(cls, torch.nn.Module):
+        return cls.from_pretrained(folder, torch_dtype=torch_dtype, variant=variant)
+    return cls.from_pretrained(folder)
+
+
+def load_transformers_model(
+    cls: type, folder: Path, *, torch_dtype: torch.dtype | None, variant: str | None
+) -> torch.nn.Module:
+    """A transformers model, failing loudly on missing, unexpected or mismatched weights."""
+    kwargs: dict[str, Any] = {"output_loading_info": True}
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if variant is not None and any(folder.glob(f"*.{variant}.*")):
+        kwargs["variant"] = variant
+    model, info = cls.from_pretrained(folder, **kwargs)
+    problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}
+    if problems:
+        details = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
+        raise ValueError(f"the weights in {folder} do not match {cls.__name__}'s config.json: {details}")
+    return model.eval()
+
+
+def load_components(
+    root: Path,
+    index: dict[str, Any],
+    names: list[str],
+    optional: Iterable[str],
+    *,
+    given: dict[str, Any],
+    torch_dtype: torch.dtype | None,
+    variant: str | None,
+    pipeline_name: str,
+) -> dict[str, Any]:
+    """Every component a pipeline's `__init__` names: given ones as is, the rest from `root/<name>/`."""
+    loaded: dict[str, Any] = {}
+    for name in names:
+        if name in given:
+            loaded[name] = given[name]
+            continue
+        entry = index.get(name)
+        if entry is None or entry == [None, None] or entry[1] is None:
+            if name not in optional:
+                raise ValueError(
+                    f"{pipeline_name} needs a {name!r} component, but {root}/model_index.json has none; "
+                    f"pass `{name}=` to from_pretrained or load a checkpoint that has one"
+                )
+            loaded[name] = None
+            continue
+        folder = root / name
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"model_index.json lists component {name!r} but the folder {folder} is missing; "
+                "the download may be incomplete"
+            )
+        cls = resolve_class(entry[0], entry[1], component=name)
+        loaded[name] = load_component(cls, folder, torch_dtype=torch_dtype, variant=variant)
+    return loaded
+
+
+def library_and_class(component: Any) -> list[str | None]:
+    """The `[library, class]` entry for model_index.json, in diffusers' naming so diffusers can load it."""
+    if component is None:
+        return [None, None]
+    name = type(component).__name__
+    if type(component).__module__.startswith("transformers"):
+        return ["transformers", name]
+    if name == "StableDiffusionSafetyChecker":
+        return ["stable_diffusion", name]
+    return ["diffusers", name]
+
+
+def save_component(component: Any, folder: Path, *, variant: str | None, safe_serialization: bool) -> None:
+    import transformers
+
+    if isinstance(component, transformers.PreTrainedModel):
+        component.save_pretrained(folder, safe_serialization=safe_serialization, variant=variant)
+    elif isinstance(component, torch.nn.Module):
+        component.save_pretrained(folder, variant=variant, safe_serialization=safe_serialization)
+    else:
+        component.save_pretrained(folder)
+
+
+def hub_patterns(index: dict[str, Any], files: list[str] | None, *, skip: set[str], variant: str | None) -> list[str]:
+    """Which files of a Hub repo to fetch: configs and tokenizers, and per component one weight format
+    (safetensors over bin, the variant when present). `files` is the repo listing, or None offline."""
+    patterns = ["model_index.json"]
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or entry[1] is None or name in skip:
+            continue
+        patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/*.model"]
+        weights = [f for f in (files or []) if f.startswith(f"{name}/") and f.endswith((".safetensors", ".bin"))]
+        for ext in ("safetensors", "bin"):
+            with_variant = [f for f in weights if f.endswith(ext) and variant and f".{variant}" in f]
+            plain = [f for f in weights if f.endswith(ext) and (not variant or f".{variant}" not in f)]
+            if with_variant or plain:
+                patterns += with_variant or plain
+                break
+        if files is None:  # offline: take whatever the cache holds
+            patterns += [f"{name}/*.safetensors", f"{name}/*.bin"]
+    return patterns
+
+
+def download_pipeline(
+    repo_id: str,
+    index: dict[str, Any],
+    *,
+    skip: set[str],
+    variant: str | None,
+    revision: str | None,
+    **hub_kwargs: Any,
+) -> Path:
+    """Fetch only the files a pipeline needs from the Hub (or find them in the cache when offline)."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.constants import HF_HUB_OFFLINE
+
+    files = None
+    if not (HF_HUB_OFFLINE or hub_kwargs.get("local_files_only")):
+        try:
+            files = HfApi().list_repo_files(repo_id, revision=revision, token=hub_kwargs.get("token"))
+        except Exception:  # no network: fall back to the cache
+            files = None
+    patterns = hub_patterns(index, files, skip=skip, variant=variant)
+    hub_kwargs["local_files_only"] = files is None
+    return snapshot(repo_id, allow_patterns=patterns, revision=revision, **hub_kwargs)

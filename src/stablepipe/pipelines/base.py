@@ -1,0 +1,161 @@
+"""`DiffusionPipeline`: loading, components, `.to()`, saving and progress, shared by every pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from tqdm.auto import tqdm
+
+from stablepipe.loading import components as component_loading
+from stablepipe.loading.files import fetch_file, is_local
+
+
+@dataclasses.dataclass
+class StableDiffusionPipelineOutput:
+    """`images`: PIL images, an array (B, H, W, C), a tensor (B, C, H, W) or latents;
+    `nsfw_content_detected`: one flag per image, or None when no safety checker ran."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    nsfw_content_detected: list[bool] | None = None
+
+    def __iter__(self):  # allows `images, flags = pipe(...)` like diffusers' tuple output
+        return iter((self.images, self.nsfw_content_detected))
+
+    def __getitem__(self, index: int):
+        return (self.images, self.nsfw_content_detected)[index]
+
+
+HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxies")
+
+
+class DiffusionPipeline:
+    """Holds the components (models, tokenizers, scheduler) named by `__init__`'s arguments."""
+
+    _optional_components: tuple[str, ...] = ()
+    _config_keys: tuple[str, ...] = ()  # non-component `__init__` arguments saved in model_index.json
+    model_cpu_offload_seq = ""
+
+    def register_modules(self, **modules: Any) -> None:
+        for name, module in modules.items():
+            object.__setattr__(self, name, module)
+        self._component_names = list(dict.fromkeys([*getattr(self, "_component_names", []), *modules]))
+        self._progress_bar_config: dict[str, Any] = getattr(self, "_progress_bar_config", {})
+
+    # ---- components, device, dtype -----------------------------------------------------------------
+
+    @classmethod
+    def component_names(cls) -> list[str]:
+        parameters = inspect.signature(cls.__init__).parameters
+        return [k for k in parameters if k != "self" and k not in cls._config_keys]
+
+    @property
+    def components(self) -> dict[str, Any]:
+        """The modules of this pipeline by name: `OtherPipeline(**pipe.components)` shares them, no copy."""
+        return {name: getattr(self, name) for name in self._component_names}
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in self._config_keys}
+
+    def _modules(self) -> list[torch.nn.Module]:
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+
+    @property
+    def device(self) -> torch.device:
+        modules = self._modules()
+        return modules[0].device if modules else torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        modules = self._modules()
+        return next(modules[0].parameters()).dtype if modules else torch.float32
+
+    def to(self, *args: Any, **kwargs: Any) -> DiffusionPipeline:
+        """Move every module: `.to("cuda")`, `.to(torch.bfloat16)`, `.to("cuda", torch.float16)`."""
+        for module in self._modules():
+            module.to(*args, **kwargs)
+        return self
+
+    # ---- progress ------------------------------------------------------------------------------------
+
+    def set_progress_bar_config(self, **kwargs: Any) -> None:
+        """Options for tqdm, e.g. `disable=True`."""
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable=None, total: int | None = None):
+        return tqdm(iterable, total=total, **self._progress_bar_config)
+
+    # ---- loading and saving ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        torch_dtype: torch.dtype | None = None,
+        variant: str | None = None,
+        revision: str | None = None,
+        **kwargs: Any,
+    ) -> DiffusionPipeline:
+        """Load a diffusers folder or Hub repo. Components given as keyword arguments replace the stored ones
+        (`safety_checker=None` turns it off; `scheduler=...` swaps it)."""
+        hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        index_path = fetch_file(path_or_repo_id, "model_index.json", revision=revision, **hub_kwargs)
+        index = json.loads(Path(index_path).read_text())
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.component_names() or k in cls._config_keys}
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unknown arguments {sorted(kwargs)}")
+        root = Path(path_or_repo_id)
+        if not is_local(path_or_repo_id):
+            root = component_loading.download_pipeline(
+                str(path_or_repo_id), index, skip=set(given), variant=variant, revision=revision, **hub_kwargs
+            )
+        loaded = component_loading.load_components(
+            root, index, cls.component_names(), cls._optional_components, given=given,
+            torch_dtype=torch_dtype, variant=variant, pipeline_name=cls.__name__,
+        )
+        config = {k: index[k] for k in cls._config_keys if k in index}
+        return cls(**loaded, **{**config, **{k: v for k, v in given.items() if k in cls._config_keys}})
+
+    def save_pretrained(
+        self, folder: str | os.PathLike, *, variant: str | None = None, safe_serialization: bool = True
+    ) -> Path:
+        """Write the diffusers layout: model_index.json and one subfolder per component."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        index: dict[str, Any] = {"_class_name": type(self).__name__, "_diffusers_version": "0.42.1"}
+        for name, component in self.components.items():
+            index[name] = component_loading.library_and_class(component)
+            if component is not None:
+                component_loading.save_component(
+                    component, folder / name, variant=variant, safe_serialization=safe_serialization
+                )
+        index.update(self.config)
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        return folder
+
+    @staticmethod
+    def warn_once(message: str) -> None:
+        warnings.warn(message, stacklevel=3)
+
+
+def pipeline_class(name: str) -> type[DiffusionPipeline]:
+    """The stablepipe pipeline class with diffusers' name `name`."""
+    stablepipe = importlib.import_module("stablepipe")
+    try:
+        found = getattr(stablepipe, name)
+    except AttributeError:
+        raise ValueError(f"stablepipe has no pipeline named {name!r}") from None
+    if not (isinstance(found, type) and issubclass(found, DiffusionPipeline)):
+        raise ValueError(f"{name!r} is not a pipeline class")
+    return found

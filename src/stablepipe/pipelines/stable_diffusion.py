@@ -1,0 +1,167 @@
+"""Stable Diffusion 1.x / 2.x text-to-image."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from stablepipe.image import postprocess
+from stablepipe.models.safety import run_safety_checker
+from stablepipe.pipelines import stages
+from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
+from stablepipe.random import Generator
+
+SAFETY_OFF_WARNING = (
+    "The safety checker is off (safety_checker=None). Keep it on for any public-facing use; "
+    "see the Stable Diffusion license."
+)
+
+
+class StableDiffusionBase(DiffusionPipeline):
+    """The components and stages shared by the SD 1.x / 2.x pipelines."""
+
+    _optional_components = ("safety_checker", "feature_extractor")
+    _config_keys = ("requires_safety_checker",)
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker: bool = True,
+    ):
+        if safety_checker is None and requires_safety_checker:
+            self.warn_once(SAFETY_OFF_WARNING)
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("a safety_checker needs its feature_extractor (a CLIPImageProcessor); pass both")
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+            safety_checker=safety_checker, feature_extractor=feature_extractor,
+        )
+        self.requires_safety_checker = requires_safety_checker
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1 and self.unet.config.get("time_cond_proj_dim") is None
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        return getattr(self, "_interrupt", False)
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        sample = self.unet.config.sample_size * self.vae_scale_factor
+        return height or sample, width or sample
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, **kwargs):
+        """diffusers' signature: returns (prompt_embeds, negative_prompt_embeds)."""
+        return stages.encode_prompt(
+            self.tokenizer, self.text_encoder, prompt, device=device, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=do_classifier_free_guidance, **kwargs,
+        )
+
+    def guidance_embedding(self, batch: int) -> dict[str, Any]:
+        """UNet kwargs for guidance-distilled models (LCM): the guidance scale as `timestep_cond`."""
+        dim = self.unet.config.get("time_cond_proj_dim")
+        if dim is None:
+            return {}
+        w = torch.tensor(self._guidance_scale - 1).repeat(batch)
+        return {"timestep_cond": stages.guidance_scale_embedding(w, dim).to(self.device, self.unet.dtype)}
+
+    def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Decode, run the safety checker, convert: the last stages of every SD pipeline."""
+        if output_type == "latent":
+            images, flags = latents, None
+        else:
+            decoded = stages.decode_latents(self.vae, latents)
+            decoded, flags = run_safety_checker(
+                self.safety_checker, self.feature_extractor, decoded, device=self.device, dtype=self.unet.dtype
+            )
+            images = postprocess(decoded, output_type, do_denormalize=None if flags is None else [not f for f in flags])
+        if not return_dict:
+            return images, flags
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=flags)
+
+
+class StableDiffusionPipeline(StableDiffusionBase):
+    """Text-to-image with Stable Diffusion 1.x and 2.x (epsilon or v-prediction)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unsupported: Any,
+    ) -> StableDiffusionPipelineOutput:
+        if unsupported:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
+        # 1. Check inputs
+        height, width = self.default_size(height, width)
+        stages.check_size(height, width, multiple=self.vae_scale_factor)
+        stages.check_steps(num_inference_steps, timesteps, sigmas)
+        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        device = self.device
+        # 2. Encode the prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+        )
+        batch = prompt_embeds.shape[0]
+        # 3. Timesteps
+        timesteps, num_inference_steps = stages.retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
+        # 4. Initial noise
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = stages.prepare_latents(
+            shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
+            init_noise_sigma=self.scheduler.init_noise_sigma,
+        )
+        # 5. Denoise
+        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, self.guidance_embedding(batch))
+        latents = stages.denoise(
+            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
+            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        # 6. Decode, check, convert
+        return self.finish(latents, output_type, return_dict)

@@ -1,0 +1,316 @@
+"""The stages every Stable Diffusion pipeline is made of, each written once.
+
+prompt -> `encode_prompt` -> `prepare_latents` -> `retrieve_timesteps` -> `denoise` (UNet + scheduler,
+guidance) -> `decode_latents` -> `run_safety_checker` -> `postprocess`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from stablepipe.random import Generator, randn_tensor
+
+logger = logging.getLogger("stablepipe")
+
+Prompt = str | list[str] | None
+
+
+# ---- checks -------------------------------------------------------------------------------------------
+
+
+def prompt_batch_size(prompt: Prompt, prompt_embeds: torch.Tensor | None) -> int:
+    """How many prompts were given, as a string, a list, or embeddings (exactly one of them)."""
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("give a `prompt` (a string or a list of strings) or `prompt_embeds`")
+    if prompt is None:
+        return prompt_embeds.shape[0]
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt) and prompt:
+        return len(prompt)
+    raise TypeError(f"`prompt` must be a string or a non-empty list of strings, got {type(prompt).__name__}")
+
+
+def check_negative_prompt(
+    prompt: Prompt, negative_prompt: Prompt, batch_size: int, negative_prompt_embeds: torch.Tensor | None
+) -> None:
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+    if negative_prompt is None or isinstance(negative_prompt, str):
+        return
+    if prompt is not None and isinstance(prompt, str):
+        raise TypeError("`negative_prompt` is a list but `prompt` is a string; give both as strings or as lists")
+    if len(negative_prompt) != batch_size:
+        raise ValueError(
+            f"got {len(negative_prompt)} negative prompts for {batch_size} prompts; "
+            "give one negative prompt per prompt, or a single string for all"
+        )
+
+
+def check_size(height: int, width: int, *, multiple: int = 8) -> None:
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % multiple:
+            raise ValueError(
+                f"{name} must be a positive multiple of {multiple}, got {value!r}; "
+                f"try {max(multiple, round(value / multiple) * multiple) if isinstance(value, int | float) else 512}"
+            )
+
+
+def check_steps(num_inference_steps: int | None, timesteps: Any, sigmas: Any) -> None:
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass either custom `timesteps` or custom `sigmas`, not both")
+    if timesteps is None and sigmas is None:
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+
+
+def check_callback_inputs(requested: Sequence[str], allowed: Sequence[str]) -> None:
+    unknown = [k for k in requested if k not in allowed]
+    if unknown:
+        raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not available; choose from {list(allowed)}")
+
+
+# ---- text ---------------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer, prompts: list[str], *, max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded to the tokenizer's length (77 for CLIP), warning about what gets cut off."""
+    max_length = max_length or tokenizer.model_max_length
+    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+    if full.shape[-1] > ids.input_ids.shape[-1]:
+        removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])
+        logger.warning("CLIP takes at most %d tokens; this part of the prompt was cut off: %s", max_length, removed)
+    return ids
+
+
+def text_hidden_states(text_encoder, tokens, *, device: torch.device, clip_skip: int | None) -> torch.Tensor:
+    """The text encoder's last hidden states, or with `clip_skip=k` the k-th from last, layer-normed."""
+    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    ids = tokens.input_ids.to(device)
+    if clip_skip is None:
+        return text_encoder(ids, attention_mask=mask)[0]
+    hidden = text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    return text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+
+
+def repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
+    """(B, ...) -> (B * n, ...), each prompt's copies next to each other."""
+    return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def encode_prompt(
+    tokenizer,
+    text_encoder,
+    prompt: Prompt,
+    *,
+    device: torch.device,
+    num_images_per_prompt: int = 1,
+    do_classifier_free_guidance: bool = True,
+    negative_prompt: Prompt = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    clip_skip: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """CLIP embeddings of the prompts (B * n, 77, D) and, with guidance, of the negative prompts."""
+    batch_size = prompt_batch_size(prompt, prompt_embeds)
+    check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds)
+    dtype = text_encoder.dtype if text_encoder is not None else prompt_embeds.dtype
+    if prompt_embeds is None:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        prompt_embeds = text_hidden_states(text_encoder, tokenize(tokenizer, prompts), device=device, clip_skip=clip_skip)
+    prompt_embeds = repeat_per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+    if not do_classifier_free_guidance:
+        return prompt_embeds, None
+    if negative_prompt_embeds is None:
+        negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
+        tokens = tokenize(tokenizer, negatives, max_length=prompt_embeds.shape[1])
+        negative_prompt_embeds = text_hidden_states(text_encoder, tokens, device=device, clip_skip=None)
+    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+    if negative_prompt_embeds.shape != prompt_embeds.shape:
+        raise ValueError(
+            f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+            f"{tuple(prompt_embeds.shape)} must have the same shape"
+        )
+    return prompt_embeds, negative_prompt_embeds
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance scale, for guidance-distilled UNets (LCM; Meng et al. 2023). (B, dim)"""
+    w = w * 1000.0
+    half = dim // 2
+    frequencies = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    angles = w.to(dtype)[:, None] * frequencies[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+    return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+# ---- latents and timesteps -----------------------------------------------------------------------------
+
+
+def prepare_latents(
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: Generator,
+    latents: torch.Tensor | None,
+    init_noise_sigma: float,
+) -> torch.Tensor:
+    """Initial noise (B, C, h, w), drawn as diffusers draws it, scaled by the scheduler's starting sigma."""
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(
+            f"got {len(generator)} generators for {shape[0]} images; pass one generator or one per image"
+        )
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    elif tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {tuple(shape)}")
+    return latents.to(device) * init_noise_sigma
+
+
+def retrieve_timesteps(
+    scheduler,
+    num_inference_steps: int | None,
+    device: torch.device,
+    *,
+    timesteps: list[int] | None = None,
+    sigmas: list[float] | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Set the scheduler's timesteps (from a step count, or custom timesteps or sigmas); return them and the count."""
+    for name, values in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if values is not None:
+            if name not in inspect.signature(scheduler.set_timesteps).parameters:
+                raise ValueError(f"{type(scheduler).__name__} does not take custom {name}; use another scheduler")
+            scheduler.set_timesteps(device=device, **{name: values})
+            return scheduler.timesteps, len(scheduler.timesteps)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps, num_inference_steps
+
+
+def step_kwargs(scheduler, *, generator: Generator, eta: float) -> dict[str, Any]:
+    """`eta` and `generator` for the schedulers whose `step` takes them."""
+    accepted = inspect.signature(scheduler.step).parameters
+    kwargs: dict[str, Any] = {}
+    if "eta" in accepted:
+        kwargs["eta"] = eta
+    if "generator" in accepted:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+# ---- the denoising loop ---------------------------------------------------------------------------------
+
+
+def classifier_free_guidance(
+    noise_pred: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0
+) -> torch.Tensor:
+    """Combine the (uncond, cond) halves (Ho & Salimans 2022), optionally rescaled (Lin et al. 2023, Sec. 3.4)."""
+    uncond, cond = noise_pred.chunk(2)
+    guided = uncond + guidance_scale * (cond - uncond)
+    if guidance_rescale > 0:
+        dims = list(range(1, cond.ndim))
+        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
+        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
+    return guided
+
+
+@dataclasses.dataclass
+class Conditioning:
+    """What the UNet is conditioned on. With guidance, every tensor is (uncond, cond) stacked on dim 0."""
+
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D); None: no guidance
+    unet_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # class_labels, added_cond_kwargs, ...
+    extra_channels: torch.Tensor | None = None  # concatenated to the UNet input (inpainting mask, depth)
+
+    @property
+    def guided(self) -> bool:
+        return self.negative_prompt_embeds is not None
+
+    def encoder_hidden_states(self) -> torch.Tensor:
+        if self.guided:
+            return torch.cat([self.negative_prompt_embeds, self.prompt_embeds])
+        return self.prompt_embeds
+
+
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+    """The UNet's raw prediction for `latents` at `t`: (2B, C, h, w) with guidance, else (B, C, h, w)."""
+    model_input = torch.cat([latents] * 2) if cond.guided else latents
+    model_input = pipe.scheduler.scale_model_input(model_input, t)
+    if cond.extra_channels is not None:
+        model_input = torch.cat([model_input, cond.extra_channels], dim=1)
+    hidden = cond.encoder_hidden_states()
+    return pipe.unet(model_input, t, encoder_hidden_states=hidden, **cond.unet_kwargs, return_dict=False)[0]
+
+
+def denoise(
+    pipe,
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    cond: Conditioning,
+    *,
+    num_inference_steps: int,
+    step_kwargs: dict[str, Any],
+    guidance_rescale: float = 0.0,
+    guide: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    after_step: StepHook | None = None,
+    callback_on_step_end: Callable | None = None,
+    callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+) -> torch.Tensor:
+    """Run the scheduler from `latents` over `timesteps`; returns the final latents (B, C, h, w).
+
+    `guide(i, t, noise_pred)` replaces classifier-free guidance (safe latent diffusion uses it);
+    `after_step(i, t, latents)` runs after each scheduler step (inpainting blends the known area there).
+    """
+    pipe._num_timesteps = len(timesteps)
+    order = getattr(pipe.scheduler, "order", 1)
+    warmup = len(timesteps) - num_inference_steps * order
+    with pipe.progress_bar(total=num_inference_steps) as bar:
+        for i, t in enumerate(timesteps):
+            if getattr(pipe, "_interrupt", False):
+                continue
+            noise_pred = predict_noise(pipe, latents, t, cond)
+            if guide is not None:
+                noise_pred = guide(i, t, noise_pred)
+            elif cond.guided:
+                noise_pred = classifier_free_guidance(noise_pred, pipe.guidance_scale, guidance_rescale)
+            latents = pipe.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+            if after_step is not None:
+                latents = after_step(i, t, latents)
+            if callback_on_step_end is not None:
+                latents = run_step_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, cond)
+            if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
+                bar.update()
+    return latents
+
+
+def run_step_callback(pipe, callback, names: Sequence[str], i: int, t, latents: torch.Tensor, cond: Conditioning):
+    """diffusers' `callback_on_step_end(pipe, i, t, tensors) -> tensors`; returned tensors replace ours."""
+    tensors = {"latents": latents, "prompt_embeds": cond.prompt_embeds, "negative_prompt_embeds": cond.negative_prompt_embeds}
+    tensors.update({k: v for k, v in cond.unet_kwargs.items() if isinstance(v, torch.Tensor)})
+    outputs = callback(pipe, i, t, {k: tensors.get(k) for k in names}) or {}
+    cond.prompt_embeds = outputs.get("prompt_embeds", cond.prompt_embeds)
+    cond.negative_prompt_embeds = outputs.get("negative_prompt_embeds", cond.negative_prompt_embeds)
+    return outputs.get("latents", latents)
+
+
+# ---- decoding ---------------------------------------------------------------------------------------------
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w)."""
+    latents = latents / vae.config.scaling_factor
+    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
