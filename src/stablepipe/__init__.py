@@ -15,8 +15,21 @@ _EXPORTS = {
     "ModelMixin": "stablepipe.models.base",
     "ConfigMixin": "stablepipe.configuration",
     "DiffusionPipeline": "stablepipe.pipelines.base",
-    "StableDiffusionPipeline": "stablepipe.pipelines.stable_diffusion",
     "StableDiffusionPipelineOutput": "stablepipe.pipelines.base",
+    "StableDiffusionPipeline": "stablepipe.pipelines.stable_diffusion",
+    "StableDiffusionImg2ImgPipeline": "stablepipe.pipelines.img2img",
+    "StableDiffusionInpaintPipeline": "stablepipe.pipelines.inpaint",
+    "StableDiffusionDepth2ImgPipeline": "stablepipe.pipelines.depth2img",
+    "StableDiffusionImageVariationPipeline": "stablepipe.pipelines.variation",
+    "StableDiffusionPipelineSafe": "stablepipe.pipelines.safe",
+    "SafetyConfig": "stablepipe.pipelines.safe",
+    "StableDiffusionUpscalePipeline": "stablepipe.pipelines.upscale",
+    "StableDiffusionLatentUpscalePipeline": "stablepipe.pipelines.latent_upscale",
+    "StableDiffusionXLPipeline": "stablepipe.pipelines.sdxl",
+    "StableDiffusionXLImg2ImgPipeline": "stablepipe.pipelines.sdxl",
+    "StableDiffusionXLInpaintPipeline": "stablepipe.pipelines.sdxl",
+    "StableDiffusionLDM3DPipeline": "stablepipe.pipelines.ldm3d",
+    "StableDiffusionUpscaleLDM3DPipeline": "stablepipe.pipelines.ldm3d",
 }
 
 

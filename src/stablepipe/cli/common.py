@@ -1,12 +1,10 @@
-"""The `stablepipe` command: one subcommand per task, the same flag names everywhere."""
+"""What every `stablepipe` subcommand shares: flags, loading, seeds, writing PNGs with their settings."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import random
-import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +46,6 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--out", default="outputs", help="a folder, or a .png path (default: ./outputs)")
     group.add_argument("--json", action="store_true", help="print the written files and settings as JSON")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablepipe", description="Stable Diffusion pipelines, from scratch in PyTorch.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.required = True
-    generate = commands.add_parser("generate", help="text-to-image", description="Make images from a text prompt.")
-    generate.add_argument("prompt", help="what to draw")
-    add_model_flags(generate)
-    add_generation_flags(generate)
-    add_output_flags(generate)
-    generate.set_defaults(run=run_generate)
-    return parser
 
 
 # ---- running -----------------------------------------------------------------------------------------------
@@ -140,15 +125,6 @@ def save_png(image, path: Path, settings: dict[str, Any]) -> None:
     image.save(path, pnginfo=info)
 
 
-def run_generate(args: argparse.Namespace, say) -> dict[str, Any]:
-    from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
-
-    seeds = seeds_for(args)
-    pipe = load_pipeline(StableDiffusionPipeline, args, say)
-    result = pipe(args.prompt, **generation_kwargs(args, seeds))
-    return write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
-
-
 def write_images(images, args: argparse.Namespace, seeds: list[int], pipe, *, flags=None) -> dict[str, Any]:
     width, height = images[0].size
     settings = {
@@ -161,34 +137,3 @@ def write_images(images, args: argparse.Namespace, seeds: list[int], pipe, *, fl
         save_png(image, path, {**settings, "seed": seed})
         files.append({"path": str(path), "seed": seed, "nsfw": bool(flags[index]) if flags else False})
     return {"files": files, "settings": settings}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--scheduler" in argv and argv[argv.index("--scheduler") + 1 :][:1] == ["list"]:
-        from stablepipe.schedulers.names import list_scheduler_names
-
-        print("\n".join(list_scheduler_names()))
-        return 0
-    args = build_parser().parse_args(argv)
-    quiet = args.json or getattr(args, "quiet", False)
-
-    def say(message: str) -> None:
-        if not quiet:
-            print(message, file=sys.stderr)
-
-    try:
-        report = args.run(args, say)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as err:
-        print(f"stablepipe {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        for entry in report["files"]:
-            print(f"wrote {entry['path']} (seed {entry['seed']})")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
