@@ -45,7 +45,7 @@ def concept_scores(similarity: np.ndarray, thresholds: torch.Tensor, adjustment:
 
 
 def black_out(images: SafetyImages, flags: Sequence[bool]) -> SafetyImages:
-    """Copy of `images` (a batch or a list) where image i is all zeros if flags[i]; the input is not modified."""
+    """Copy of `images` (a batch or a list) with image i all zeros where flags[i]; the input is untouched."""
     if isinstance(images, torch.Tensor):
         mask = torch.tensor(list(flags), dtype=torch.bool, device=images.device)
         return images.masked_fill(mask.view(-1, *[1] * (images.ndim - 1)), 0)
@@ -63,8 +63,9 @@ def _zeros_like(image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
 class StableDiffusionSafetyChecker(PreTrainedModel):
     """CLIP vision tower + projection + concept embeddings; `forward(clip_input, images) -> (images, flags)`.
 
-    Parameter names are diffusers' (`vision_model.vision_model.*`, `visual_projection.weight`,
-    `concept_embeds`, `special_care_embeds`, `concept_embeds_weights`, `special_care_embeds_weights`).
+    Weight files use diffusers' key names (`vision_model.vision_model.*`, `visual_projection.weight`,
+    `concept_embeds`, `special_care_embeds`, `concept_embeds_weights`, `special_care_embeds_weights`); in memory
+    transformers 5 names the tower `vision_model.*`, and its loader maps one to the other.
     """
 
     config_class = CLIPConfig
@@ -78,28 +79,45 @@ class StableDiffusionSafetyChecker(PreTrainedModel):
         self.visual_projection = nn.Linear(width, dim, bias=False)
         self.concept_embeds = nn.Parameter(torch.ones(NUM_CONCEPTS, dim), requires_grad=False)
         self.special_care_embeds = nn.Parameter(torch.ones(NUM_SPECIAL_CARE, dim), requires_grad=False)
-        self.concept_embeds_weights = nn.Parameter(torch.ones(NUM_CONCEPTS), requires_grad=False)  # thresholds
+        # Per-concept similarity thresholds.
+        self.concept_embeds_weights = nn.Parameter(torch.ones(NUM_CONCEPTS), requires_grad=False)
         self.special_care_embeds_weights = nn.Parameter(torch.ones(NUM_SPECIAL_CARE), requires_grad=False)
         self.post_init()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *args: Any, **kwargs: Any):
-        """transformers' `from_pretrained` (same arguments, `torch_dtype`/`dtype` included), with a strict check.
+        """transformers' `from_pretrained` (same arguments, `torch_dtype`/`dtype` too), with a strict check.
 
         Raises `ValueError` naming the keys when the weights miss any parameter, hold keys the model does not
         have, or hold a tensor of the wrong shape (transformers itself would warn and initialise missing ones
-        randomly). `ignore_mismatched_sizes=True` lets wrong shapes through (re-initialised, as in transformers);
-        `output_loading_info=True` still returns `(model, info)`.
+        randomly). `ignore_mismatched_sizes=True` lets wrong shapes through (re-initialised, as transformers
+        does); `output_loading_info=True` still returns `(model, info)`. Both key layouts load: the released
+        `vision_model.vision_model.*` and transformers 5's flattened `vision_model.*`.
         """
         want_info = kwargs.pop("output_loading_info", False)
         allow_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
         # transformers would raise on a wrong shape with a pointer to its log; collect it to name it below.
         model, info = super().from_pretrained(
-            pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            pretrained_model_name_or_path,
+            *args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
         location = Path(pretrained_model_name_or_path, kwargs.get("subfolder", ""))
         check_loading_info(info, cls.__name__, location, allow_mismatch=allow_mismatch)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """transformers' `save_pretrained`, always writing the released checkpoints' key names.
+
+        transformers 5 flattens `CLIPVisionModel` and, for a model not loaded from a file, would save
+        `vision_model.embeddings.*`; the SD 1.x folders (and transformers 4) have `vision_model.vision_model.*`.
+        """
+        if kwargs.get("state_dict") is None:
+            kwargs["state_dict"] = released_key_names(self.state_dict())
+        kwargs["save_original_format"] = False  # the names above are final: no renaming back by transformers
+        super().save_pretrained(save_directory, **kwargs)
 
     def embed_images(self, clip_input: torch.Tensor) -> torch.Tensor:
         """CLIP pixel values (B, 3, S, S) -> projected image embeddings (B, projection_dim)."""
@@ -114,7 +132,10 @@ class StableDiffusionSafetyChecker(PreTrainedModel):
             self.special_care_embeds_weights,
             no_adjustment,
         )  # (B, 3)
-        adjustment = np.where((special > 0).any(axis=1), SPECIAL_CARE_ADJUSTMENT, 0).astype(np.float32)  # (B,)
+        # diffusers also adds the adjustment to the special-care scores after the first that fires; only
+        # whether any fired matters, so that changes nothing.
+        fired = (special > 0).any(axis=1)  # (B,)
+        adjustment = np.where(fired, SPECIAL_CARE_ADJUSTMENT, 0).astype(np.float32)  # (B,)
         scores = concept_scores(
             cosine_similarity(image_embeds, self.concept_embeds), self.concept_embeds_weights, adjustment
         )  # (B, 17)
@@ -132,6 +153,15 @@ class StableDiffusionSafetyChecker(PreTrainedModel):
         return black_out(images, flags), flags
 
 
+def released_key_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename transformers 5's flattened `vision_model.X` to the checkpoints' `vision_model.vision_model.X`."""
+    nested = "vision_model.vision_model."
+    return {
+        f"vision_model.{key}" if key.startswith("vision_model.") and not key.startswith(nested) else key: value
+        for key, value in state_dict.items()
+    }
+
+
 def check_loading_info(
     info: dict[str, Any], class_name: str, location: str | os.PathLike, *, allow_mismatch: bool = False
 ) -> None:
@@ -145,16 +175,17 @@ def check_loading_info(
     if info.get("unexpected_keys"):
         problems.append(f"unexpected keys {sorted(info['unexpected_keys'])}")
     if info.get("mismatched_keys") and not allow_mismatch:
-        shapes = [f"{key} (file {tuple(got)}, model {tuple(want)})" for key, got, want in info["mismatched_keys"]]
+        mismatched = info["mismatched_keys"]
+        shapes = [f"{key} (file {tuple(got)}, model {tuple(want)})" for key, got, want in mismatched]
         problems.append(f"wrong shapes {sorted(shapes)}")
     if info.get("error_msgs"):
         problems.append(f"errors {list(info['error_msgs'])}")
     if problems:
         raise ValueError(
             f"Could not load {class_name} from {os.fspath(location)}: " + "; ".join(problems) + ". Expected "
-            "diffusers' safety_checker layout (config.json from CLIPConfig; weights vision_model.vision_model.*, "
-            "visual_projection.weight, concept_embeds, special_care_embeds, concept_embeds_weights, "
-            "special_care_embeds_weights) with shapes matching config.json."
+            "diffusers' safety_checker layout (config.json from CLIPConfig; weights "
+            "vision_model.vision_model.*, visual_projection.weight, concept_embeds, special_care_embeds, "
+            "concept_embeds_weights, special_care_embeds_weights) with shapes matching config.json."
         )
 
 

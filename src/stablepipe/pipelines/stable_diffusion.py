@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from stablepipe.image import postprocess
+from stablepipe.image import denormalize, postprocess
 from stablepipe.models.safety import run_safety_checker
 from stablepipe.pipelines import stages
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
@@ -91,11 +91,11 @@ class StableDiffusionBase(DiffusionPipeline):
         if output_type == "latent":
             images, flags = latents, None
         else:
-            decoded = stages.decode_latents(self.vae, latents)
+            decoded = denormalize(stages.decode_latents(self.vae, latents))  # (B, 3, H, W) in [0, 1]
             decoded, flags = run_safety_checker(
                 self.safety_checker, self.feature_extractor, decoded, device=self.device, dtype=self.unet.dtype
             )
-            images = postprocess(decoded, output_type, do_denormalize=None if flags is None else [not f for f in flags])
+            images = postprocess(decoded, output_type, do_denormalize=[False] * len(decoded))
         if not return_dict:
             return images, flags
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=flags)
