@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: int, upcast: bool = False
-) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: int, upcast: bool = False) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over `heads` heads: (B, N, heads*d), (B, M, heads*d) x2 -> (B, N, heads*d).
 
-    With `upcast`, half-precision inputs are computed in float32 (SD 2.x overflows in float16 otherwise).
+    With `upcast`, half-precision inputs are computed in float32: SD 2.1 overflows where scores are computed in
+    float16 (torch's fused kernels accumulate in float32 already, so on them this costs time, not accuracy).
     """
     batch, dtype = q.shape[0], q.dtype
     q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
@@ -31,7 +30,7 @@ def attention(
 
 
 class Attention(nn.Module):
-    """Multi-head attention of `query_dim` tokens onto `cross_attention_dim` context tokens (self-attention if None)."""
+    """Multi-head attention of `query_dim` tokens onto context tokens (onto themselves without context)."""
 
     def __init__(
         self,
@@ -59,7 +58,7 @@ class Attention(nn.Module):
 
 
 class SpatialSelfAttention(Attention):
-    """Self-attention over the pixels of a feature map, with its own GroupNorm and residual (the VAE's mid block)."""
+    """Self-attention over the pixels of a feature map, with GroupNorm and residual (the VAE's mid block)."""
 
     def __init__(self, channels: int, *, heads: int = 1, norm_num_groups: int = 32, eps: float = 1e-6):
         super().__init__(channels, heads=heads, dim_head=channels // heads, bias=True)
@@ -67,7 +66,7 @@ class SpatialSelfAttention(Attention):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape
-        tokens = self.group_norm(x.view(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
+        tokens = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
         out = super().forward(tokens)  # (B, HW, C)
         return out.transpose(1, 2).reshape(b, c, h, w) + x
 
@@ -99,7 +98,7 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-norm self-attention, cross-attention on `context`, feed-forward; each added to the residual stream.
 
-    With `only_cross_attention` the first attention also attends to `context` instead of the tokens themselves.
+    With `only_cross_attention` the first attention also attends to `context`, not to the tokens.
     """
 
     def __init__(
@@ -114,7 +113,11 @@ class BasicTransformerBlock(nn.Module):
     ):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        heads = {"heads": num_attention_heads, "dim_head": attention_head_dim, "upcast_attention": upcast_attention}
+        heads = {
+            "heads": num_attention_heads,
+            "dim_head": attention_head_dim,
+            "upcast_attention": upcast_attention,
+        }
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, cross_attention_dim=cross_attention_dim if only_cross_attention else None, **heads)
         self.norm2 = nn.LayerNorm(dim)

@@ -22,7 +22,7 @@ def timestep_embedding(
     """Sinusoidal features of 1-d `timesteps`, in float32: (N,) -> (N, dim).
 
     Transformer positional encoding (Vaswani et al. 2017, sec. 3.5) as used by DDPM: frequencies
-    max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; [sin, cos] halves, or [cos, sin] if `flip_sin_to_cos`.
+    max_period^(-i / (dim/2 - freq_shift)) for i < dim/2; halves [sin, cos], or [cos, sin] if flip_sin_to_cos.
     """
     if timesteps.ndim != 1:
         raise ValueError(f"timesteps must be 1-d (one per batch element), got shape {tuple(timesteps.shape)}")
@@ -65,7 +65,12 @@ class GaussianFourierProjection(nn.Module):
     """
 
     def __init__(
-        self, embedding_size: int = 256, *, scale: float = 1.0, log: bool = True, flip_sin_to_cos: bool = False
+        self,
+        embedding_size: int = 256,
+        *,
+        scale: float = 1.0,
+        log: bool = True,
+        flip_sin_to_cos: bool = False,
     ):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(embedding_size) * scale, requires_grad=False)
@@ -76,7 +81,9 @@ class GaussianFourierProjection(nn.Module):
         if self.log:
             t = torch.log(t)
         angles = t[:, None] * self.weight[None, :] * 2 * math.pi  # (N, embedding_size)
-        parts = [torch.cos(angles), torch.sin(angles)] if self.flip_sin_to_cos else [torch.sin(angles), torch.cos(angles)]
+        parts = (
+            [torch.cos(angles), torch.sin(angles)] if self.flip_sin_to_cos else [torch.sin(angles), torch.cos(angles)]
+        )
         return torch.cat(parts, dim=-1)
 
 

@@ -23,7 +23,7 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 
 
 def get_activation(name: str, *, key: str = "act_fn") -> nn.Module:
-    """The activation module called `name` in configs (`"silu"`, `"gelu"`, ...); `key` names the config field."""
+    """The activation called `name` in configs (`"silu"`, `"gelu"`, ...); `key` names the config field."""
     cls = ACTIVATIONS.get(name.lower())
     if cls is None:
         raise ValueError(f"{key}={name!r} is not a known activation; use one of {sorted(ACTIVATIONS)}")

@@ -1,0 +1,640 @@
+"""The conditional UNet of latent diffusion (Rombach et al. 2022): one class for SD 1.x, 2.x, XL, upscalers.
+
+The network is a config: `down_block_types`, `mid_block_type` and `up_block_types` name blocks, and each name
+is looked up in a table (`DOWN_BLOCKS`, `MID_BLOCKS`, `UP_BLOCKS`) of builders taking a `BlockArgs`. A new
+block family (the latent upscaler's K-blocks, say) is added by registering builders, not by subclassing.
+Names of modules and parameters are diffusers' state-dict names, so diffusers folders load unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from stablepipe.configuration import FrozenConfig, register_to_config
+from stablepipe.models.attention import SpatialSelfAttention, Transformer2DModel
+from stablepipe.models.base import ModelMixin
+from stablepipe.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
+
+# ----------------------------------------------------------------------------------------------------------
+# Blocks. Uniform calls: down block (x, temb, context) -> (x, skips); mid block (x, temb, context) -> x;
+# up block (x, skips, temb, context, upsample_size) -> x, consuming the last len(block.resnets) skips.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransformerSpec:
+    """The settings of the transformers in one UNet block; `build` makes one of given width and depth."""
+
+    num_heads: int
+    cross_attention_dim: int
+    groups: int
+    use_linear_projection: bool
+    only_cross_attention: bool
+    upcast_attention: bool
+
+    def build(self, channels: int, num_layers: int) -> Transformer2DModel:
+        return Transformer2DModel(
+            self.num_heads,
+            channels // self.num_heads,
+            channels,
+            num_layers=num_layers,
+            cross_attention_dim=self.cross_attention_dim,
+            norm_num_groups=self.groups,
+            use_linear_projection=self.use_linear_projection,
+            only_cross_attention=self.only_cross_attention,
+            upcast_attention=self.upcast_attention,
+        )
+
+
+def _per_layer(value: int | list[int], num_layers: int) -> list[int]:
+    return list(value) if isinstance(value, (list, tuple)) else [value] * num_layers
+
+
+class DownBlock2D(nn.Module):
+    """`num_layers` residual blocks, then an optional stride-2 conv; every output is kept as a skip."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        resnet: ResnetSpec,
+        add_downsample: bool,
+        downsample_padding: int = 1,
+    ):
+        super().__init__()
+        widths = [in_channels] + [out_channels] * (num_layers - 1)
+        self.resnets = nn.ModuleList(resnet.build(w, out_channels) for w in widths)
+        down = Downsample2D(out_channels, out_channels, padding=downsample_padding)
+        self.downsamplers = nn.ModuleList([down]) if add_downsample else None
+
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        skips = []
+        for i, resnet in enumerate(self.resnets):
+            x = self.layer(i, resnet(x, temb), context)  # (B, C_out, H, W)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)  # (B, C_out, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        """What follows the i-th residual block (nothing here; attention in the cross-attention variant)."""
+        return x
+
+
+class CrossAttnDownBlock2D(DownBlock2D):
+    """`DownBlock2D` with a transformer after each residual block."""
+
+    def __init__(self, *channels: int, transformer: TransformerSpec, transformer_layers, **kw):
+        super().__init__(*channels, **kw)
+        depths = _per_layer(transformer_layers, len(self.resnets))
+        self.attentions = nn.ModuleList(transformer.build(channels[-1], d) for d in depths)
+
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return self.attentions[i](x, context)
+
+
+class UpBlock2D(nn.Module):
+    """Residual blocks on [x, skip] concatenated along channels, then an optional 2x upsample."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        prev_output_channels: int,
+        out_channels: int,
+        *,
+        num_layers: int,
+        resnet: ResnetSpec,
+        add_upsample: bool,
+    ):
+        super().__init__()
+        inputs = [prev_output_channels] + [out_channels] * (num_layers - 1)  # from below
+        skips = [out_channels] * (num_layers - 1) + [in_channels]  # from the down path
+        self.resnets = nn.ModuleList(resnet.build(i + s, out_channels) for i, s in zip(inputs, skips))
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        skips: list[torch.Tensor],
+        temb: torch.Tensor,
+        context: torch.Tensor | None = None,
+        upsample_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        for i, resnet in enumerate(self.resnets):
+            x = torch.cat([x, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
+            x = self.layer(i, resnet(x, temb), context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)  # (B, C_out, 2H, 2W)
+        return x
+
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return x
+
+
+class CrossAttnUpBlock2D(UpBlock2D):
+    """`UpBlock2D` with a transformer after each residual block."""
+
+    def __init__(self, *channels: int, transformer: TransformerSpec, transformer_layers, **kw):
+        super().__init__(*channels, **kw)
+        depths = _per_layer(transformer_layers, len(self.resnets))
+        self.attentions = nn.ModuleList(transformer.build(channels[-1], d) for d in depths)
+
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        return self.attentions[i](x, context)
+
+
+class UNetMidBlock2D(nn.Module):
+    """A residual block, then `num_layers` x (attention, residual block). Attention is optional.
+
+    In the UNet (`mid_block_type="UNetMidBlock2D"`) it is a single residual block; in the VAE it has one
+    pixel self-attention (`SpatialSelfAttention`).
+    """
+
+    def __init__(self, channels: int, *, resnet: ResnetSpec, num_layers: int = 1, add_attention: bool = True):
+        super().__init__()
+        self.resnets = nn.ModuleList(resnet.build(channels, channels) for _ in range(num_layers + 1))
+        heads_of = {"heads": 1, "norm_num_groups": resnet.groups, "eps": resnet.eps}
+        count = num_layers if add_attention else 0
+        self.attentions = nn.ModuleList(SpatialSelfAttention(channels, **heads_of) for _ in range(count))
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, context=None) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        for i, resnet in enumerate(self.resnets[1:]):
+            x = self.attentions[i](x) if len(self.attentions) else x
+            x = resnet(x, temb)
+        return x
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """A residual block, then (transformer, residual block): the UNet's bottleneck."""
+
+    def __init__(self, channels: int, *, resnet: ResnetSpec, transformer: TransformerSpec, transformer_layers):
+        super().__init__()
+        self.resnets = nn.ModuleList([resnet.build(channels, channels), resnet.build(channels, channels)])
+        self.attentions = nn.ModuleList([transformer.build(channels, _per_layer(transformer_layers, 1)[0])])
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.resnets[0](x, temb)
+        return self.resnets[1](self.attentions[0](x, context), temb)  # (B, C, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Block tables: config name -> builder(BlockArgs). Register new block types here.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BlockArgs:
+    """One stage of the UNet as the config describes it: a row of the per-block config lists."""
+
+    in_channels: int  # down: the previous block's width; up: the width of the matching down block's input
+    out_channels: int
+    prev_output_channels: int  # up blocks: the width coming from the block below; else = in_channels
+    temb_channels: int
+    num_layers: int  # residual blocks in this block
+    add_sampler: bool  # down/upsample at its end (all but the last block)
+    transformer_layers: int | list[int]  # transformer depth, one for all layers or one per layer
+    num_heads: int  # attention heads (diffusers' `attention_head_dim` quirk already resolved)
+    attention_head_dim: int  # the raw per-block `attention_head_dim` (what the K-blocks take)
+    cross_attention_dim: int
+    only_cross_attention: bool
+    resolution_idx: int  # position of the block in its path
+    config: FrozenConfig  # the UNet config, for model-wide settings (norms, activation, projections)
+
+
+def _unsupported(key: str, value: Any, supported) -> ValueError:
+    return ValueError(
+        f"UNet2DConditionModel config: {key}={value!r} is not supported by stablepipe; supported: "
+        f"{sorted(supported, key=repr)}. This checkpoint needs a network stablepipe does not build yet."
+    )
+
+
+def resnet_spec(a: BlockArgs, *, output_scale_factor: float = 1.0) -> ResnetSpec:
+    """The residual-block settings of the standard blocks, refusing what they cannot build."""
+    c = a.config
+    if c.resnet_time_scale_shift != "default":
+        raise _unsupported("resnet_time_scale_shift", c.resnet_time_scale_shift, ["default"])
+    if c.norm_num_groups is None:
+        raise _unsupported("norm_num_groups", None, ["an int"])
+    return ResnetSpec(a.temb_channels, c.norm_num_groups, c.norm_eps, c.act_fn, output_scale_factor)
+
+
+def transformer_spec(a: BlockArgs) -> TransformerSpec:
+    c = a.config
+    return TransformerSpec(
+        a.num_heads,
+        a.cross_attention_dim,
+        c.norm_num_groups,
+        c.use_linear_projection,
+        a.only_cross_attention,
+        c.upcast_attention,
+    )
+
+
+def _down(a: BlockArgs, cls: type[DownBlock2D], **extra) -> DownBlock2D:
+    return cls(
+        a.in_channels,
+        a.out_channels,
+        num_layers=a.num_layers,
+        resnet=resnet_spec(a),
+        add_downsample=a.add_sampler,
+        downsample_padding=a.config.downsample_padding,
+        **extra,
+    )
+
+
+def _up(a: BlockArgs, cls: type[UpBlock2D], **extra) -> UpBlock2D:
+    channels = (a.in_channels, a.prev_output_channels, a.out_channels)
+    return cls(*channels, num_layers=a.num_layers, resnet=resnet_spec(a), add_upsample=a.add_sampler, **extra)
+
+
+def _with_attention(a: BlockArgs) -> dict[str, Any]:
+    return {"transformer": transformer_spec(a), "transformer_layers": a.transformer_layers}
+
+
+BlockBuilder = Callable[[BlockArgs], nn.Module]
+
+DOWN_BLOCKS: dict[str, BlockBuilder] = {
+    "DownBlock2D": lambda a: _down(a, DownBlock2D),
+    "CrossAttnDownBlock2D": lambda a: _down(a, CrossAttnDownBlock2D, **_with_attention(a)),
+}
+UP_BLOCKS: dict[str, BlockBuilder] = {
+    "UpBlock2D": lambda a: _up(a, UpBlock2D),
+    "CrossAttnUpBlock2D": lambda a: _up(a, CrossAttnUpBlock2D, **_with_attention(a)),
+}
+MID_BLOCKS: dict[str | None, BlockBuilder] = {
+    "UNetMidBlock2DCrossAttn": lambda a: UNetMidBlock2DCrossAttn(
+        a.in_channels,
+        resnet=resnet_spec(a, output_scale_factor=a.config.mid_block_scale_factor),
+        **_with_attention(a),
+    ),
+    "UNetMidBlock2D": lambda a: UNetMidBlock2D(
+        a.in_channels,
+        resnet=resnet_spec(a, output_scale_factor=a.config.mid_block_scale_factor),
+        num_layers=0,
+    ),
+    None: lambda a: None,
+}
+
+
+def build_block(table: dict, key: str, index: int | None, args: BlockArgs) -> nn.Module | None:
+    """Look up the block type named by config `key` (entry `index` of it) and build it."""
+    c = args.config
+    name = c[key] if index is None else c[key][index]
+    if name not in table:
+        label = key if index is None else f"{key}[{index}]"
+        raise _unsupported(label, name, list(table))
+    return table[name](args)
+
+
+def unet_stages(c: FrozenConfig, temb_channels: int) -> tuple[list[BlockArgs], BlockArgs, list[BlockArgs]]:
+    """The `BlockArgs` of every down block, the mid block and every up block, read off the config."""
+    n, widths = len(c.down_block_types), list(c.block_out_channels)
+    heads_key = "attention_head_dim" if c.num_attention_heads is None else "num_attention_heads"
+    rows = {  # per-block settings, reversed on the way up
+        "num_heads": per_block(c, heads_key),  # diffusers' quirk: `attention_head_dim` holds the number of heads
+        "cross_attention_dim": per_block(c, "cross_attention_dim"),
+        "only_cross_attention": per_block(c, "only_cross_attention"),
+    }
+    head_dims, layers = per_block(c, "attention_head_dim"), per_block(c, "layers_per_block")
+    depths = per_block(c, "transformer_layers_per_block")
+    up_depths = c.reverse_transformer_layers_per_block or depths[::-1]
+
+    def stage(i: int, up: bool, **values) -> BlockArgs:
+        j = n - 1 - i if up else i  # index into the down-ordered lists
+        return BlockArgs(
+            **values,
+            **{k: v[j] for k, v in rows.items()},
+            attention_head_dim=widths[j] if head_dims[i] is None else head_dims[i],  # [i] going up too, as diffusers
+            temb_channels=temb_channels,
+            add_sampler=i < n - 1,
+            resolution_idx=i,
+            config=c,
+        )
+
+    down = [
+        stage(i, False, in_channels=widths[max(i - 1, 0)], out_channels=widths[i],
+              prev_output_channels=widths[max(i - 1, 0)], num_layers=layers[i], transformer_layers=depths[i])
+        for i in range(n)
+    ]  # fmt: skip
+    mid = replace(down[-1], in_channels=widths[-1], prev_output_channels=widths[-1], num_layers=1,
+                  add_sampler=False, only_cross_attention=False, resolution_idx=0)  # fmt: skip
+    rev = widths[::-1]
+    up = [
+        stage(i, True, in_channels=rev[min(i + 1, n - 1)], out_channels=rev[i], prev_output_channels=rev[max(i - 1, 0)],
+              num_layers=layers[n - 1 - i] + 1, transformer_layers=up_depths[i])
+        for i in range(n)
+    ]  # fmt: skip
+    return down, mid, up
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding tables: timestep features and class embeddings.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _positional(c: FrozenConfig) -> tuple[nn.Module, int, int]:
+    embed_dim = c.time_embedding_dim or c.block_out_channels[0] * 4
+    proj = Timesteps(c.block_out_channels[0], flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
+    return proj, c.block_out_channels[0], embed_dim
+
+
+def _fourier(c: FrozenConfig) -> tuple[nn.Module, int, int]:
+    embed_dim = c.time_embedding_dim or c.block_out_channels[0] * 2
+    if embed_dim % 2:
+        raise ValueError(f"time_embedding_dim must be even for fourier time embeddings, got {embed_dim}")
+    proj = GaussianFourierProjection(embed_dim // 2, log=False, flip_sin_to_cos=c.flip_sin_to_cos)
+    return proj, embed_dim, embed_dim
+
+
+# time_embedding_type -> (features module, its width, width of the time embedding)
+TIME_PROJECTIONS: dict[str, Callable[[FrozenConfig], tuple[nn.Module, int, int]]] = {
+    "positional": _positional,
+    "fourier": _fourier,
+}
+
+
+def _projection_dim(c: FrozenConfig) -> int:
+    if c.projection_class_embeddings_input_dim is None:
+        raise ValueError(f"class_embed_type={c.class_embed_type!r} needs projection_class_embeddings_input_dim")
+    return c.projection_class_embeddings_input_dim
+
+
+# class_embed_type -> builder(config, timestep feature width, time embedding width)
+CLASS_EMBEDDINGS: dict[str | None, Callable[[FrozenConfig, int, int], nn.Module | None]] = {
+    None: lambda c, t_in, t_dim: nn.Embedding(c.num_class_embeds, t_dim) if c.num_class_embeds else None,
+    "timestep": lambda c, t_in, t_dim: TimestepEmbedding(t_in, t_dim, act_fn=c.act_fn),
+    "identity": lambda c, t_in, t_dim: nn.Identity(),
+    "projection": lambda c, t_in, t_dim: TimestepEmbedding(_projection_dim(c), t_dim),
+    "simple_projection": lambda c, t_in, t_dim: nn.Linear(_projection_dim(c), t_dim),
+}
+
+# Config values that select networks stablepipe does not build; each must keep its default.
+REQUIRED_DEFAULTS = {
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "dual_cross_attention": False,
+    "attention_type": "default",
+}
+ADDITION_EMBED_TYPES = (None, "text_time")
+
+
+def per_block(c: FrozenConfig, key: str, value: Any = None) -> list:
+    """Config `key` (or `value`) as one entry per down block: a single value is repeated."""
+    value = c[key] if value is None else value
+    n = len(c.down_block_types)
+    if not isinstance(value, (list, tuple)):
+        return [value] * n
+    if len(value) != n:
+        raise ValueError(f"{key}={list(value)} has {len(value)} entries but there are {n} down blocks; give one each")
+    return list(value)
+
+
+def check_config(c: FrozenConfig) -> None:
+    """Refuse, with the key, the value and what is supported, configs whose network we would build wrongly."""
+    for key, default in REQUIRED_DEFAULTS.items():
+        if c[key] != default:
+            raise _unsupported(key, c[key], [default])
+    choices = {
+        "time_embedding_type": TIME_PROJECTIONS,
+        "class_embed_type": CLASS_EMBEDDINGS,
+        "addition_embed_type": ADDITION_EMBED_TYPES,
+    }
+    for key, supported in choices.items():
+        if c[key] not in supported:
+            raise _unsupported(key, c[key], list(supported))
+    n = len(c.down_block_types)
+    for key in ("up_block_types", "block_out_channels"):
+        if len(c[key]) != n:
+            raise ValueError(f"{key} has {len(c[key])} entries but down_block_types has {n}; they must match")
+    if c.addition_embed_type == "text_time":
+        for key in ("addition_time_embed_dim", "projection_class_embeddings_input_dim"):
+            if c[key] is None:
+                raise ValueError(f"addition_embed_type='text_time' (SDXL) needs {key} in the config; it is None")
+    nested = any(isinstance(v, (list, tuple)) for v in per_block(c, "transformer_layers_per_block"))
+    if nested and c.reverse_transformer_layers_per_block is None:
+        raise ValueError("per-layer transformer_layers_per_block needs reverse_transformer_layers_per_block too")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model.
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UNet2DConditionOutput:
+    sample: torch.Tensor  # (B, out_channels, H, W): the predicted noise (or v, or x0)
+
+
+class UNet2DConditionModel(ModelMixin):
+    """The noise predictor eps(x_t, t, text) of latent diffusion, configured as diffusers' class of that name."""
+
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int | tuple[int, int] | None = None,
+        in_channels: int = 4,
+        out_channels: int = 4,
+        center_input_sample: bool = False,
+        flip_sin_to_cos: bool = True,
+        freq_shift: int = 0,
+        down_block_types: tuple[str, ...] = (
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "CrossAttnDownBlock2D",
+            "DownBlock2D",
+        ),
+        mid_block_type: str | None = "UNetMidBlock2DCrossAttn",
+        up_block_types: tuple[str, ...] = (
+            "UpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+            "CrossAttnUpBlock2D",
+        ),
+        only_cross_attention: bool | tuple[bool, ...] = False,
+        block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
+        layers_per_block: int | tuple[int, ...] = 2,
+        downsample_padding: int = 1,
+        mid_block_scale_factor: float = 1,
+        dropout: float = 0.0,
+        act_fn: str = "silu",
+        norm_num_groups: int | None = 32,
+        norm_eps: float = 1e-5,
+        cross_attention_dim: int | tuple[int, ...] = 1280,
+        transformer_layers_per_block: int | tuple = 1,
+        reverse_transformer_layers_per_block: tuple | None = None,
+        encoder_hid_dim: int | None = None,
+        encoder_hid_dim_type: str | None = None,
+        attention_head_dim: int | tuple[int, ...] = 8,
+        num_attention_heads: int | tuple[int, ...] | None = None,
+        dual_cross_attention: bool = False,
+        use_linear_projection: bool = False,
+        class_embed_type: str | None = None,
+        addition_embed_type: str | None = None,
+        addition_time_embed_dim: int | None = None,
+        num_class_embeds: int | None = None,
+        upcast_attention: bool = False,
+        resnet_time_scale_shift: str = "default",
+        resnet_skip_time_act: bool = False,
+        resnet_out_scale_factor: float = 1.0,
+        time_embedding_type: str = "positional",
+        time_embedding_dim: int | None = None,
+        time_embedding_act_fn: str | None = None,
+        timestep_post_act: str | None = None,
+        time_cond_proj_dim: int | None = None,
+        conv_in_kernel: int = 3,
+        conv_out_kernel: int = 3,
+        projection_class_embeddings_input_dim: int | None = None,
+        attention_type: str = "default",
+        class_embeddings_concat: bool = False,
+        mid_block_only_cross_attention: bool | None = None,
+        cross_attention_norm: str | None = None,
+        addition_embed_type_num_heads: int = 64,
+    ):
+        # Kept for diffusers compatibility but without effect here: `sample_size` (read by pipelines), `dropout`
+        # (training only) and the settings of block types stablepipe does not build (resnet_skip_time_act,
+        # resnet_out_scale_factor, cross_attention_norm, mid_block_only_cross_attention,
+        # addition_embed_type_num_heads); diffusers ignores them for the blocks below as well.
+        super().__init__()
+        c = self.config
+        check_config(c)
+        width = block_out_channels[0]
+        self.conv_in = nn.Conv2d(in_channels, width, conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        temb_channels = self._build_embeddings(c)
+        self._build_blocks(c, temb_channels * (2 if class_embeddings_concat else 1))
+        if norm_num_groups is not None:
+            self.conv_norm_out = nn.GroupNorm(norm_num_groups, width, eps=norm_eps)
+            self.conv_act = get_activation(act_fn)
+        else:
+            self.conv_norm_out = self.conv_act = None
+        self.conv_out = nn.Conv2d(width, out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+
+    def _build_embeddings(self, c: FrozenConfig) -> int:
+        """Timestep, class and SDXL micro-conditioning embeddings; returns the time embedding width."""
+        self.time_proj, t_in, t_dim = TIME_PROJECTIONS[c.time_embedding_type](c)
+        self.time_embedding = TimestepEmbedding(
+            t_in, t_dim, act_fn=c.act_fn, post_act_fn=c.timestep_post_act, cond_proj_dim=c.time_cond_proj_dim
+        )
+        self.class_embedding = CLASS_EMBEDDINGS[c.class_embed_type](c, t_in, t_dim)
+        if c.addition_embed_type == "text_time":
+            flip = {"flip_sin_to_cos": c.flip_sin_to_cos, "freq_shift": c.freq_shift}
+            self.add_time_proj = Timesteps(c.addition_time_embed_dim, **flip)
+            self.add_embedding = TimestepEmbedding(c.projection_class_embeddings_input_dim, t_dim)
+        act = c.time_embedding_act_fn
+        self.time_embed_act = get_activation(act, key="time_embedding_act_fn") if act else None
+        return t_dim
+
+    def _build_blocks(self, c: FrozenConfig, temb_channels: int) -> None:
+        """Down, mid and up blocks, each built by the table entry its config name picks."""
+        down, mid, up = unet_stages(c, temb_channels)
+        self.down_blocks = nn.ModuleList(build_block(DOWN_BLOCKS, "down_block_types", i, a) for i, a in enumerate(down))
+        self.mid_block = build_block(MID_BLOCKS, "mid_block_type", None, mid)
+        self.up_blocks = nn.ModuleList(build_block(UP_BLOCKS, "up_block_types", i, a) for i, a in enumerate(up))
+        self.num_upsamplers = len(up) - 1
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        *,
+        class_labels: torch.Tensor | None = None,
+        timestep_cond: torch.Tensor | None = None,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
+        """Predict from noisy latents `sample` (B, C, H, W) at `timestep`, attending to the text embeddings."""
+        _check_cross_attention_kwargs(cross_attention_kwargs)
+        emb = self.embed(sample, timestep, class_labels, timestep_cond, added_cond_kwargs)  # (B, temb)
+        x = self.conv_in(2 * sample - 1.0 if self.config.center_input_sample else sample)  # (B, C0, H, W)
+        skips = [x]
+        for block in self.down_blocks:
+            x, block_skips = block(x, emb, encoder_hidden_states)
+            skips += block_skips
+        if self.mid_block is not None:
+            x = self.mid_block(x, emb, encoder_hidden_states)
+        exact = any(s % 2**self.num_upsamplers for s in sample.shape[-2:])  # odd sizes: upsample to skip size
+        x = self.run_up_blocks(x, skips, emb, encoder_hidden_states, exact_sizes=exact)
+        if self.conv_norm_out is not None:
+            x = self.conv_act(self.conv_norm_out(x))
+        out = self.conv_out(x)  # (B, out_channels, H, W)
+        return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def run_up_blocks(self, x, skips: list[torch.Tensor], emb, context, *, exact_sizes: bool) -> torch.Tensor:
+        """The up path, each block taking its skips off the end of `skips`.
+
+        With `exact_sizes` each upsampler targets the size of the next skip instead of doubling.
+        """
+        for i, block in enumerate(self.up_blocks):
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = skips[-1].shape[2:] if exact_sizes and i < len(self.up_blocks) - 1 else None
+            x = block(x, block_skips, emb, context, size)
+        return x
+
+    def embed(self, sample, timestep, class_labels=None, timestep_cond=None, added_cond_kwargs=None) -> torch.Tensor:
+        """The conditioning vector of each sample: time (+ class) (+ SDXL text/size) embeddings. (B, temb)"""
+        t_features = self.time_proj(_timesteps(timestep, sample)).to(sample.dtype)  # float32 -> model dtype
+        emb = self.time_embedding(t_features, timestep_cond)  # (B, temb)
+        if self.class_embedding is not None:
+            class_emb = self.embed_class(sample, class_labels)
+            emb = torch.cat([emb, class_emb], dim=-1) if self.config.class_embeddings_concat else emb + class_emb
+        if self.config.addition_embed_type == "text_time":
+            emb = emb + self.embed_text_time(emb, added_cond_kwargs)
+        return self.time_embed_act(emb) if self.time_embed_act is not None else emb
+
+    def embed_class(self, sample: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        if class_labels is None:
+            raise ValueError(
+                "this UNet is class-conditioned (num_class_embeds / class_embed_type in its config): pass class_labels"
+            )
+        if self.config.class_embed_type == "timestep":
+            class_labels = self.time_proj(class_labels).to(sample.dtype)
+        return self.class_embedding(class_labels).to(sample.dtype)
+
+    def embed_text_time(self, emb: torch.Tensor, added_cond_kwargs: dict | None) -> torch.Tensor:
+        """SDXL micro-conditioning: pooled text embeds and sinusoidal features of the 6 size/crop ids."""
+        added = added_cond_kwargs or {}
+        missing = [k for k in ("text_embeds", "time_ids") if k not in added]
+        if missing:
+            raise ValueError(f"addition_embed_type='text_time' (SDXL) needs added_cond_kwargs with {missing}")
+        text_embeds, time_ids = added["text_embeds"], added["time_ids"]  # (B, D_text), (B, 6)
+        time_embeds = self.add_time_proj(time_ids.flatten()).reshape(text_embeds.shape[0], -1)  # (B, 6*D_t)
+        return self.add_embedding(torch.concat([text_embeds, time_embeds], dim=-1).to(emb.dtype))
+
+
+def _timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor) -> torch.Tensor:
+    """`timestep` as a 1-d tensor of one entry per sample, typed as diffusers types it."""
+    if not torch.is_tensor(timestep):
+        no_64bit = sample.device.type in ("mps", "npu")
+        if isinstance(timestep, float):
+            dtype = torch.float32 if no_64bit else torch.float64
+        else:
+            dtype = torch.int32 if no_64bit else torch.int64
+        timestep = torch.tensor([timestep], dtype=dtype, device=sample.device)
+    elif timestep.ndim == 0:
+        timestep = timestep[None].to(sample.device)
+    return timestep.expand(sample.shape[0])  # (B,)
+
+
+def _check_cross_attention_kwargs(kwargs: dict[str, Any] | None) -> None:
+    unknown = set(kwargs or {}) - {"scale"}
+    if unknown:
+        raise ValueError(
+            f"cross_attention_kwargs keys {sorted(unknown)} are not supported; stablepipe has no attention "
+            "processors (only {'scale': ...}, reserved for LoRA, is accepted)"
+        )
