@@ -15,7 +15,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(int(os.environ.get("STABLEPIPE_TEST_THREADS", min(2, torch.get_num_threads()))))
 
 SD1_UNET = dict(
     block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,
@@ -31,7 +31,7 @@ VAE = dict(
 )
 SD1_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1,
+    set_alpha_to_one=False, steps_offset=1,
 )
 
 
@@ -80,7 +80,7 @@ def write_sd_folder(folder: Path, *, kind: str = "sd1", safety: bool = False, se
     if kind == "sd2":
         scheduler = diffusers.DDIMScheduler(**SD1_SCHEDULER, prediction_type="v_prediction")
     else:
-        scheduler = diffusers.PNDMScheduler(**SD1_SCHEDULER)
+        scheduler = diffusers.PNDMScheduler(**SD1_SCHEDULER, skip_prk_steps=True)
     checker, processor = safety_components(seed + 3) if safety else (None, None)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

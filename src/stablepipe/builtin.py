@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_NAME = "builtin-tiny-v1"
+BUILTIN_NAME = "builtin-tiny-v2"
 
 
 def cache_dir() -> Path:
@@ -54,9 +54,9 @@ TINY_UNET = dict(
     cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
 )
 TINY_VAE = dict(
-    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-    down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=16,
-    sample_size=32,
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32, 64, 64), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=16,
+    sample_size=128,
 )
 TINY_SCHEDULER = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,

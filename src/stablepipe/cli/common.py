@@ -48,6 +48,43 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_image_flags(parser: argparse.ArgumentParser) -> None:
+    """--image and --strength, for the commands that start from a picture (img2img, inpaint, depth2img)."""
+    group = parser.add_argument_group("input image")
+    group.add_argument("--image", required=True, help="the picture to start from (PNG, JPEG ...; any mode)")
+    group.add_argument("--strength", type=float, default=None,
+                       help="how much of the picture to repaint, 0..1 (default: the pipeline's)")
+
+
+# ---- input images ------------------------------------------------------------------------------------------
+
+
+def open_image_file(path: str, *, flag: str = "--image"):
+    """The picture at `path` as a PIL image in its own mode (the pipelines convert it), or a one-line error."""
+    import PIL.Image
+
+    if not Path(path).is_file():
+        raise UsageError(f"{flag}: no image file at {path}")
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image
+    except (PIL.UnidentifiedImageError, OSError) as err:
+        raise UsageError(f"{flag}: {path} is not an image PIL can read ({err})") from None
+
+
+def resize_to_flags(image, args: argparse.Namespace):
+    """The input picture resized (Lanczos) to --width x --height when given (a side not given keeps the
+    picture's size); unchanged otherwise."""
+    import PIL.Image
+
+    from stablepipe.pipelines.stages import check_size
+
+    check_size(args.height or 8, args.width or 8)  # the flags given must be multiples of 8
+    size = (args.width or image.width, args.height or image.height)
+    return image if size == image.size else image.resize(size, resample=PIL.Image.Resampling.LANCZOS)
+
+
 # ---- running -----------------------------------------------------------------------------------------------
 
 
@@ -65,6 +102,9 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     """The pipeline named by --model, or the built-in tiny one, on --device in --dtype."""
     from stablepipe.builtin import builtin_model_path
 
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
     model = args.model
     if model is None:
         say("No --model given: using the built-in tiny model (random weights, the picture is noise).")
@@ -94,6 +134,7 @@ def generation_kwargs(args: argparse.Namespace, seeds: list[int]) -> dict[str, A
         "negative_prompt": args.negative_prompt, "num_inference_steps": args.steps, "guidance_scale": args.guidance,
         "width": args.width, "height": args.height, "clip_skip": args.clip_skip,
         "generator": [torch.Generator().manual_seed(s) for s in seeds],
+        "num_images_per_prompt": len(seeds),
     }
     return {k: v for k, v in kwargs.items() if v is not None}
 
@@ -114,7 +155,7 @@ def save_png(image, path: Path, settings: dict[str, Any]) -> None:
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    a1111 = settings.get("prompt", "")
+    a1111 = settings.get("prompt") or ""
     if settings.get("negative_prompt"):
         a1111 += f"\nNegative prompt: {settings['negative_prompt']}"
     keys = ("steps", "scheduler", "guidance", "seed", "width", "height", "model")
@@ -125,12 +166,15 @@ def save_png(image, path: Path, settings: dict[str, Any]) -> None:
     image.save(path, pnginfo=info)
 
 
-def write_images(images, args: argparse.Namespace, seeds: list[int], pipe, *, flags=None) -> dict[str, Any]:
+def write_images(
+    images, args: argparse.Namespace, seeds: list[int], pipe, *, flags=None, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Save the images as PNGs with their settings (plus `extra` ones, e.g. the input image and strength)."""
     width, height = images[0].size
     settings = {
         "command": args.command, "prompt": getattr(args, "prompt", None), "negative_prompt": args.negative_prompt,
         "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler or type(pipe.scheduler).__name__,
-        "width": width, "height": height, "model": str(args.model or "builtin"),
+        "width": width, "height": height, "model": str(args.model or "builtin"), **(extra or {}),
     }
     files = []
     for index, (image, path, seed) in enumerate(zip(images, output_paths(args.out, seeds), seeds)):

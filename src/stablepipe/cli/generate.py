@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from stablepipe.cli.common import (
+    UsageError,
     add_generation_flags,
     add_model_flags,
     add_output_flags,
@@ -15,6 +16,8 @@ from stablepipe.cli.common import (
     write_images,
 )
 
+SAFETY_LEVELS = ("WEAK", "MEDIUM", "STRONG", "MAX")  # stablepipe.pipelines.safe.SafetyConfig's presets
+
 
 def register(commands) -> None:
     parser = commands.add_parser("generate", help="text-to-image", description="Make images from a text prompt.")
@@ -22,6 +25,10 @@ def register(commands) -> None:
     add_model_flags(parser)
     add_generation_flags(parser)
     add_output_flags(parser)
+    safe = parser.add_argument_group("safe latent diffusion")
+    safe.add_argument("--safe", metavar="LEVEL", type=str.upper, choices=SAFETY_LEVELS,
+                      help="steer away from unsafe content (Safe Latent Diffusion): WEAK, MEDIUM, STRONG or MAX")
+    safe.add_argument("--safety-concept", help="with --safe: the text to steer away from (default: the SLD paper's)")
     parser.set_defaults(run=run)
 
 
@@ -29,6 +36,24 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
 
     seeds = seeds_for(args)
+    if args.safe or args.safety_concept:
+        return run_safe(args, say, seeds)
     pipe = load_pipeline(StableDiffusionPipeline, args, say)
     result = pipe(args.prompt, **generation_kwargs(args, seeds))
     return write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
+
+
+def run_safe(args: argparse.Namespace, say, seeds: list[int]) -> dict[str, Any]:
+    """`--safe LEVEL`: StableDiffusionPipelineSafe with that SafetyConfig preset (and `--safety-concept`)."""
+    from stablepipe.pipelines.safe import SafetyConfig, StableDiffusionPipelineSafe
+
+    if not args.safe:
+        raise UsageError("--safety-concept needs --safe LEVEL (WEAK, MEDIUM, STRONG or MAX)")
+    pipe = load_pipeline(StableDiffusionPipelineSafe, args, say)
+    if args.safety_concept:
+        pipe.safety_concept = args.safety_concept
+    kwargs = {**generation_kwargs(args, seeds), "num_images_per_prompt": len(seeds), **SafetyConfig.preset(args.safe)}
+    result = pipe(args.prompt, **kwargs)
+    report = write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
+    report["settings"].update(safe=args.safe, safety_concept=result.applied_safety_concept)
+    return report

@@ -150,8 +150,9 @@ def hub_patterns(index: dict[str, Any], files: list[str] | None, *, skip: set[st
         patterns += [f"{name}/*.json", f"{name}/*.txt", f"{name}/*.model"]
         weights = [f for f in (files or []) if f.startswith(f"{name}/") and f.endswith((".safetensors", ".bin"))]
         for ext in ("safetensors", "bin"):
-            with_variant = [f for f in weights if f.endswith(ext) and variant and f".{variant}" in f]
-            plain = [f for f in weights if f.endswith(ext) and (not variant or f".{variant}" not in f)]
+            parts = {f: f.rsplit("/", 1)[-1].split(".") for f in weights if f.endswith(ext)}
+            with_variant = [f for f, p in parts.items() if variant and len(p) == 3 and p[1].startswith(variant)]
+            plain = [f for f, p in parts.items() if len(p) == 2]
             if with_variant or plain:
                 patterns += with_variant or plain
                 break

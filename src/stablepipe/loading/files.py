@@ -124,10 +124,11 @@ def load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
             try:
                 loaded = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as err:
+                reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
                 raise OSError(
-                    f"{path} could not be read safely ({err}). It may be truncated, or need code to "
-                    "unpickle; stablepipe never runs pickle code. Convert it to .safetensors."
-                ) from err
+                    f"{path} could not be read safely: it is truncated or needs code to unpickle ({reason}); "
+                    "stablepipe never runs pickle code. Convert it to .safetensors with a trusted tool."
+                ) from None
             state.update(loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded)
     return state
 

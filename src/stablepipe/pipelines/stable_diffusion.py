@@ -133,7 +133,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
             raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
         # 1. Check inputs
         height, width = self.default_size(height, width)
-        stages.check_size(height, width, multiple=self.vae_scale_factor)
+        stages.check_size(height, width)
         stages.check_steps(num_inference_steps, timesteps, sigmas)
         stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         self._guidance_scale, self._interrupt = guidance_scale, False

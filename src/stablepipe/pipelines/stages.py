@@ -100,7 +100,8 @@ def text_hidden_states(text_encoder, tokens, *, device: torch.device, clip_skip:
     if clip_skip is None:
         return text_encoder(ids, attention_mask=mask)[0]
     hidden = text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    return text_encoder.text_model.final_layer_norm(hidden[-(clip_skip + 1)])
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 / 5 layouts
+    return final_norm(hidden[-(clip_skip + 1)])
 
 
 def repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
@@ -232,28 +233,37 @@ class Conditioning:
     negative_prompt_embeds: torch.Tensor | None = None  # (B, L, D); None: no guidance
     unet_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)  # class_labels, added_cond_kwargs, ...
     extra_channels: torch.Tensor | None = None  # concatenated to the UNet input (inpainting mask, depth)
+    concept_embeds: torch.Tensor | None = None  # (B, L, D); a third batch after (uncond, cond): SLD's safety concept
 
     @property
     def guided(self) -> bool:
         return self.negative_prompt_embeds is not None
 
+    @property
+    def copies(self) -> int:
+        """How many times the latents are stacked for one UNet call: 1, 2 (uncond, cond) or 3 (+ concept)."""
+        return 1 + self.guided + (self.concept_embeds is not None)
+
     def encoder_hidden_states(self) -> torch.Tensor:
-        if self.guided:
-            return torch.cat([self.negative_prompt_embeds, self.prompt_embeds])
-        return self.prompt_embeds
+        parts = (self.negative_prompt_embeds, self.prompt_embeds, self.concept_embeds)
+        return torch.cat([p for p in parts if p is not None])  # (copies * B, L, D)
 
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def predict_noise(pipe, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-    """The UNet's raw prediction for `latents` at `t`: (2B, C, h, w) with guidance, else (B, C, h, w)."""
-    model_input = torch.cat([latents] * 2) if cond.guided else latents
+def predict_noise(
+    pipe, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning, *, model: Callable | None = None
+) -> torch.Tensor:
+    """The UNet's raw prediction for `latents` at `t`: (copies * B, C, h, w), e.g. (uncond, cond) with guidance.
+    `model` is called in place of `pipe.unet`, with the same arguments (a tiled UNet, a denoiser wrapping it)."""
+    model_input = torch.cat([latents] * cond.copies) if cond.copies > 1 else latents
     model_input = pipe.scheduler.scale_model_input(model_input, t)
     if cond.extra_channels is not None:
         model_input = torch.cat([model_input, cond.extra_channels], dim=1)
     hidden = cond.encoder_hidden_states()
-    return pipe.unet(model_input, t, encoder_hidden_states=hidden, **cond.unet_kwargs, return_dict=False)[0]
+    network = pipe.unet if model is None else model
+    return network(model_input, t, encoder_hidden_states=hidden, **cond.unet_kwargs, return_dict=False)[0]
 
 
 def denoise(
@@ -269,11 +279,13 @@ def denoise(
     after_step: StepHook | None = None,
     callback_on_step_end: Callable | None = None,
     callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    model: Callable | None = None,
 ) -> torch.Tensor:
     """Run the scheduler from `latents` over `timesteps`; returns the final latents (B, C, h, w).
 
     `guide(i, t, noise_pred)` replaces classifier-free guidance (safe latent diffusion uses it);
-    `after_step(i, t, latents)` runs after each scheduler step (inpainting blends the known area there).
+    `after_step(i, t, latents)` runs after each scheduler step (inpainting blends the known area there);
+    `model` replaces `pipe.unet` in the UNet call (the upscalers' tiled UNet, the latent upscaler's denoiser).
     """
     pipe._num_timesteps = len(timesteps)
     order = getattr(pipe.scheduler, "order", 1)
@@ -282,7 +294,7 @@ def denoise(
         for i, t in enumerate(timesteps):
             if getattr(pipe, "_interrupt", False):
                 continue
-            noise_pred = predict_noise(pipe, latents, t, cond)
+            noise_pred = predict_noise(pipe, latents, t, cond, model=model)
             if guide is not None:
                 noise_pred = guide(i, t, noise_pred)
             elif cond.guided:
@@ -295,6 +307,32 @@ def denoise(
             if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
                 bar.update()
     return latents
+
+
+def check_callback_steps(callback_steps: int) -> None:
+    if not isinstance(callback_steps, int) or isinstance(callback_steps, bool) or callback_steps < 1:
+        raise ValueError(f"callback_steps must be a positive integer, got {callback_steps!r}")
+
+
+def legacy_step_callback(
+    callback: Callable[[int, torch.Tensor, torch.Tensor], Any],
+    callback_steps: int,
+    *,
+    num_timesteps: int,
+    num_inference_steps: int,
+    order: int,
+) -> StepHook:
+    """diffusers' older `callback(step, t, latents)` as an `after_step` hook: called on progress-bar steps
+    whose loop index is a multiple of `callback_steps`; it sees the latents but does not replace them."""
+    warmup = num_timesteps - num_inference_steps * order
+
+    def hook(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        counted = i == num_timesteps - 1 or (i + 1 > warmup and (i + 1) % order == 0)
+        if counted and i % callback_steps == 0:
+            callback(i // order, t, latents)
+        return latents
+
+    return hook
 
 
 def run_step_callback(pipe, callback, names: Sequence[str], i: int, t, latents: torch.Tensor, cond: Conditioning):
