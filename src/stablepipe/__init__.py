@@ -30,6 +30,7 @@ _EXPORTS = {
     "StableDiffusionXLInpaintPipeline": "stablepipe.pipelines.sdxl",
     "StableDiffusionLDM3DPipeline": "stablepipe.pipelines.ldm3d",
     "StableDiffusionUpscaleLDM3DPipeline": "stablepipe.pipelines.ldm3d",
+    "LDM3DPipelineOutput": "stablepipe.pipelines.ldm3d",
 }
 
 

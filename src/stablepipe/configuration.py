@@ -34,6 +34,9 @@ class FrozenConfig(dict):
 
     __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = _readonly
 
+    def __reduce__(self):  # copy.deepcopy and pickle rebuild it from a plain dict
+        return (FrozenConfig, (dict(self),))
+
 
 def register_to_config(init):
     """Decorate `__init__` so that every argument (given or defaulted) is recorded in `self.config`."""

@@ -135,6 +135,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
         height, width = self.default_size(height, width)
         stages.check_size(height, width)
         stages.check_steps(num_inference_steps, timesteps, sigmas)
+        stages.check_output_type(output_type)
         stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
         self._guidance_scale, self._interrupt = guidance_scale, False
         device = self.device

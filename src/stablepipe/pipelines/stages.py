@@ -73,6 +73,11 @@ def check_steps(num_inference_steps: int | None, timesteps: Any, sigmas: Any) ->
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
 
 
+def check_output_type(output_type: str, allowed: Sequence[str] = ("pil", "np", "pt", "latent")) -> None:
+    if output_type not in allowed:
+        raise ValueError(f"output_type must be one of {tuple(allowed)}, got {output_type!r}")
+
+
 def check_callback_inputs(requested: Sequence[str], allowed: Sequence[str]) -> None:
     unknown = [k for k in requested if k not in allowed]
     if unknown:

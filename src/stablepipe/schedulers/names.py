@@ -1,0 +1,109 @@
+"""Sampler names that AUTOMATIC1111 and ComfyUI users know, mapped to a scheduler class and config options.
+
+The A1111 names follow the table in diffusers' scheduler overview ("A1111/k-diffusion → 🤗 Diffusers").
+ComfyUI's sampler names are accepted too, each with its k-diffusion sampler's equivalent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stablepipe.schedulers.base import SchedulerMixin
+from stablepipe.schedulers.ddim import DDIMScheduler
+from stablepipe.schedulers.ddpm import DDPMScheduler
+from stablepipe.schedulers.deis import DEISMultistepScheduler
+from stablepipe.schedulers.dpm_sde import DPMSolverSDEScheduler
+from stablepipe.schedulers.dpm_solver import DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler
+from stablepipe.schedulers.euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from stablepipe.schedulers.heun import HeunDiscreteScheduler
+from stablepipe.schedulers.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
+from stablepipe.schedulers.lcm import LCMScheduler
+from stablepipe.schedulers.lms import LMSDiscreteScheduler
+from stablepipe.schedulers.pndm import PNDMScheduler
+from stablepipe.schedulers.unipc import UniPCMultistepScheduler
+
+
+def _sigmas(kind: str | None = None) -> dict[str, bool]:
+    """Options selecting one sigma schedule (and switching the others off)."""
+    return {f"use_{k}_sigmas": k == kind for k in ("karras", "exponential", "beta")}
+
+
+_DPM_2M = {"algorithm_type": "dpmsolver++", "solver_order": 2}
+_DPM_2M_SDE = {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}
+
+# A1111 name -> (class, config overrides)
+A1111_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "DPM++ 2M": (DPMSolverMultistepScheduler, {**_DPM_2M, **_sigmas()}),
+    "DPM++ 2M Karras": (DPMSolverMultistepScheduler, {**_DPM_2M, **_sigmas("karras")}),
+    "DPM++ 2M SDE": (DPMSolverMultistepScheduler, {**_DPM_2M_SDE, **_sigmas()}),
+    "DPM++ 2M SDE Karras": (DPMSolverMultistepScheduler, {**_DPM_2M_SDE, **_sigmas("karras")}),
+    "DPM++ SDE": (DPMSolverSinglestepScheduler, _sigmas()),
+    "DPM++ SDE Karras": (DPMSolverSinglestepScheduler, _sigmas("karras")),
+    "DPM2": (KDPM2DiscreteScheduler, _sigmas()),
+    "DPM2 Karras": (KDPM2DiscreteScheduler, _sigmas("karras")),
+    "DPM2 a": (KDPM2AncestralDiscreteScheduler, _sigmas()),
+    "DPM2 a Karras": (KDPM2AncestralDiscreteScheduler, _sigmas("karras")),
+    "Euler": (EulerDiscreteScheduler, _sigmas()),
+    "Euler a": (EulerAncestralDiscreteScheduler, {}),
+    "Heun": (HeunDiscreteScheduler, _sigmas()),
+    "LMS": (LMSDiscreteScheduler, _sigmas()),
+    "LMS Karras": (LMSDiscreteScheduler, _sigmas("karras")),
+    "DDIM": (DDIMScheduler, {}),
+    "DDPM": (DDPMScheduler, {}),
+    "PLMS": (PNDMScheduler, {"skip_prk_steps": True}),
+    "UniPC": (UniPCMultistepScheduler, _sigmas()),
+    "DEIS": (DEISMultistepScheduler, _sigmas()),
+    "LCM": (LCMScheduler, {}),
+}
+
+# ComfyUI sampler name -> (class, config overrides), with its default ("normal") schedule
+COMFYUI_SCHEDULERS: dict[str, tuple[type[SchedulerMixin], dict[str, Any]]] = {
+    "euler": A1111_SCHEDULERS["Euler"],
+    "euler_ancestral": A1111_SCHEDULERS["Euler a"],
+    "heun": A1111_SCHEDULERS["Heun"],
+    "dpm_2": A1111_SCHEDULERS["DPM2"],
+    "dpm_2_ancestral": A1111_SCHEDULERS["DPM2 a"],
+    "lms": A1111_SCHEDULERS["LMS"],
+    "dpmpp_2m": A1111_SCHEDULERS["DPM++ 2M"],
+    "dpmpp_2m_sde": A1111_SCHEDULERS["DPM++ 2M SDE"],
+    "dpmpp_sde": (DPMSolverSDEScheduler, _sigmas()),  # k-diffusion sample_dpmpp_sde
+    "ddim": A1111_SCHEDULERS["DDIM"],
+    "ddpm": A1111_SCHEDULERS["DDPM"],
+    "uni_pc": A1111_SCHEDULERS["UniPC"],
+    "deis": A1111_SCHEDULERS["DEIS"],
+    "lcm": A1111_SCHEDULERS["LCM"],
+}
+
+
+def list_scheduler_names() -> list[str]:
+    """Every name `scheduler_from_name` accepts: A1111's, then ComfyUI's."""
+    return [*A1111_SCHEDULERS, *COMFYUI_SCHEDULERS]
+
+
+def _lookup(name: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
+    table = {**A1111_SCHEDULERS, **COMFYUI_SCHEDULERS}
+    if name in table:
+        return table[name]
+    folded = {key.casefold(): value for key, value in table.items()}
+    if name.strip().casefold() in folded:
+        return folded[name.strip().casefold()]
+    raise ValueError(f"unknown scheduler name {name!r}; known names: {', '.join(list_scheduler_names())}")
+
+
+def scheduler_from_name(name: str, config: dict[str, Any] | None = None, **overrides: Any) -> SchedulerMixin:
+    """The scheduler an A1111 / ComfyUI sampler name stands for, built from `config` (e.g. a pipeline's
+    scheduler config) with the name's options, then `overrides`, applied on top."""
+    cls, options = _lookup(name)
+    return cls.from_config(config or {}, **{**options, **overrides})
+
+
+def get_scheduler_class(class_name: str) -> type[SchedulerMixin]:
+    """A scheduler class by its diffusers name (as in model_index.json), with a clear error if unknown."""
+    from stablepipe.schedulers import SCHEDULER_CLASSES
+
+    if class_name not in SCHEDULER_CLASSES:
+        raise ValueError(
+            f"unknown scheduler class {class_name!r}; stablepipe has {', '.join(SCHEDULER_CLASSES)}. "
+            "Pick one of these with <Class>.from_config(config), or by name with scheduler_from_name()."
+        )
+    return SCHEDULER_CLASSES[class_name]
