@@ -88,6 +88,25 @@ def resize_to_flags(image, args: argparse.Namespace):
 # ---- running -----------------------------------------------------------------------------------------------
 
 
+def cached_folder(name: str, build) -> Path:
+    """The folder `name` in the stablepipe cache, made by `build(folder)` on first use (built in a staging
+    folder and renamed, so a half-built model is never found; a concurrent builder's result wins)."""
+    import os
+    import shutil
+
+    from stablepipe.builtin import cache_dir
+
+    folder = cache_dir() / name
+    if not (folder / "model_index.json").is_file():
+        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        build(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process built it first
+            shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
 def pick_device_and_dtype(device: str, dtype: str):
     import torch
 
@@ -110,7 +129,9 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
         say("No --model given: using the built-in tiny model (random weights, the picture is noise).")
         model = builtin_model_path()
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    extra = {"safety_checker": None, "requires_safety_checker": False} if args.no_safety_checker else {}
+    extra = {}
+    if args.no_safety_checker and "safety_checker" in cls.component_names():  # SDXL has none
+        extra = {"safety_checker": None, "requires_safety_checker": False}
     pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
     if args.scheduler:
         from stablepipe.schedulers.names import scheduler_from_name

@@ -49,7 +49,8 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     image = resize_to_flags(open_image_file(args.image), args)
     if args.depth_map:
         kwargs["depth_map"] = open_image_file(args.depth_map, flag="--depth-map")
-    pipe = load_pipeline(StableDiffusionDepth2ImgPipeline, args, say)
+    model_args = argparse.Namespace(**{**vars(args), "no_safety_checker": False})  # depth2img has no checker
+    pipe = load_pipeline(StableDiffusionDepth2ImgPipeline, model_args, say)
     result = pipe(args.prompt, image=image, **kwargs)
     extra = {"image": args.image, "depth_map": args.depth_map, "strength": kwargs.get("strength", 0.8)}
     return write_images(result.images, args, seeds, pipe, extra=extra)

@@ -15,6 +15,7 @@ from stablepipe.cli.common import (
     seeds_for,
     write_images,
 )
+from stablepipe.cli.sdxl import add_refiner_flags, run_sdxl, wants_sdxl
 
 SAFETY_LEVELS = ("WEAK", "MEDIUM", "STRONG", "MAX")  # stablepipe.pipelines.safe.SafetyConfig's presets
 
@@ -29,6 +30,7 @@ def register(commands) -> None:
     safe.add_argument("--safe", metavar="LEVEL", type=str.upper, choices=SAFETY_LEVELS,
                       help="steer away from unsafe content (Safe Latent Diffusion): WEAK, MEDIUM, STRONG or MAX")
     safe.add_argument("--safety-concept", help="with --safe: the text to steer away from (default: the SLD paper's)")
+    add_refiner_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -36,6 +38,8 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
 
     seeds = seeds_for(args)
+    if wants_sdxl(args):
+        return run_sdxl(args, say, seeds)
     if args.safe or args.safety_concept:
         return run_safe(args, say, seeds)
     pipe = load_pipeline(StableDiffusionPipeline, args, say)
@@ -52,8 +56,7 @@ def run_safe(args: argparse.Namespace, say, seeds: list[int]) -> dict[str, Any]:
     pipe = load_pipeline(StableDiffusionPipelineSafe, args, say)
     if args.safety_concept:
         pipe.safety_concept = args.safety_concept
-    kwargs = {**generation_kwargs(args, seeds), "num_images_per_prompt": len(seeds), **SafetyConfig.preset(args.safe)}
-    result = pipe(args.prompt, **kwargs)
+    result = pipe(args.prompt, **generation_kwargs(args, seeds), **SafetyConfig.preset(args.safe))
     report = write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
     report["settings"].update(safe=args.safe, safety_concept=result.applied_safety_concept)
     return report

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +11,10 @@ from stablepipe.cli.common import (
     add_generation_flags,
     add_model_flags,
     add_output_flags,
+    cached_folder,
     generation_kwargs,
     load_pipeline,
+    open_image_file,
     seeds_for,
     write_images,
 )
@@ -33,19 +33,6 @@ def register(commands) -> None:
     add_generation_flags(parser)
     add_output_flags(parser)
     parser.set_defaults(run=run)
-
-
-def open_image(path: str):
-    """The file at `path` as an RGB PIL image, or a one-line error."""
-    import PIL.Image
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"no image file at {path}")
-    try:
-        with PIL.Image.open(path) as image:
-            return image.convert("RGB")
-    except PIL.UnidentifiedImageError:
-        raise UsageError(f"{path} is not an image PIL can read") from None
 
 
 def build_builtin_variation(folder: Path, *, seed: int = 0) -> Path:
@@ -72,37 +59,20 @@ def build_builtin_variation(folder: Path, *, seed: int = 0) -> Path:
     return pipe.save_pretrained(folder)
 
 
-def builtin_variation_path() -> Path:
-    """The built-in variation model's folder, built on first use in the stablepipe cache."""
-    from stablepipe.builtin import cache_dir
-
-    folder = cache_dir() / BUILTIN_VARIATION_NAME
-    if not (folder / "model_index.json").is_file():
-        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_builtin_variation(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process built it first
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
 def run(args: argparse.Namespace, say) -> dict[str, Any]:
     from stablepipe.pipelines.variation import StableDiffusionImageVariationPipeline
 
     for flag, value in (("--negative-prompt", args.negative_prompt), ("--clip-skip", args.clip_skip)):
         if value is not None:
             raise UsageError(f"variation takes no {flag}: it is conditioned on the image, not on text")
-    image = open_image(args.image)
+    image = open_image_file(args.image, flag="IMAGE")
     seeds = seeds_for(args)
     model_args = args
     if args.model is None:
         say("No --model given: using the built-in tiny variation model (random weights, the picture is noise).")
-        model_args = argparse.Namespace(**{**vars(args), "model": str(builtin_variation_path())})
+        folder = cached_folder(BUILTIN_VARIATION_NAME, build_builtin_variation)
+        model_args = argparse.Namespace(**{**vars(args), "model": str(folder)})
     pipe = load_pipeline(StableDiffusionImageVariationPipeline, model_args, say)
-    kwargs = {**generation_kwargs(args, seeds), "num_images_per_prompt": len(seeds)}
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("negative_prompt", "clip_skip")}
-    result = pipe(image, **kwargs)
-    report = write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
-    report["settings"]["image"] = args.image
-    return report
+    result = pipe(image.convert("RGB"), **generation_kwargs(args, seeds))
+    flags = result.nsfw_content_detected
+    return write_images(result.images, args, seeds, pipe, flags=flags, extra={"image": args.image})

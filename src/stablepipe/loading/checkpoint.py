@@ -78,6 +78,11 @@ def read_safetensors(path: Path) -> Checkpoint:
 
 def read_pickle(path: Path) -> Checkpoint:
     """A pickled checkpoint through `torch.load(weights_only=True)`: no code in the file ever runs."""
+    return unwrap(path, load_pickle(path))
+
+
+def load_pickle(path: Path) -> Any:
+    """Whatever a pickle holds (tensors, containers, numbers, strings), loaded without running code."""
     unsafe = unsafe_globals(path)
     blocked = [name for name in unsafe if not name.startswith(IGNORABLE_GLOBAL_PREFIXES)]
     if blocked:
@@ -96,7 +101,7 @@ def read_pickle(path: Path) -> Checkpoint:
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as err:
         raise corrupt_error(path, err) from err
-    return unwrap(path, loaded)
+    return loaded
 
 
 def needs_code_error(path: Path, what: str) -> CheckpointError:

@@ -12,7 +12,7 @@ import torch
 from stablepipe.loading.files import snapshot
 
 # Libraries named in model_index.json whose classes stablepipe implements itself.
-OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stablepipe"}
+OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stable_diffusion_safe", "stablepipe"}
 
 # Our classes by diffusers' name; schedulers are looked up in stablepipe.schedulers.
 OUR_CLASSES = {
@@ -21,6 +21,9 @@ OUR_CLASSES = {
     "StableDiffusionSafetyChecker": "stablepipe.models.safety",
 }
 
+# Other names for our classes in published model_index.json files (same weights).
+CLASS_ALIASES = {"SafeStableDiffusionSafetyChecker": "StableDiffusionSafetyChecker"}
+
 # Old transformers names still found in published model_index.json files.
 TRANSFORMERS_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor", "DPTFeatureExtractor": "DPTImageProcessor"}
 
@@ -28,6 +31,7 @@ TRANSFORMERS_ALIASES = {"CLIPFeatureExtractor": "CLIPImageProcessor", "DPTFeatur
 def resolve_class(library: str, class_name: str, *, component: str) -> type:
     """The class that loads one component, or a clear error saying what is supported."""
     if library in OUR_LIBRARIES:
+        class_name = CLASS_ALIASES.get(class_name, class_name)
         if class_name in OUR_CLASSES:
             return getattr(importlib.import_module(OUR_CLASSES[class_name]), class_name)
         from stablepipe.schedulers import SCHEDULER_CLASSES

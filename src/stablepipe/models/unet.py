@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from stablepipe.configuration import FrozenConfig, register_to_config
+from stablepipe.models import kblocks
 from stablepipe.models.attention import SpatialSelfAttention, Transformer2DModel
 from stablepipe.models.base import ModelMixin
 from stablepipe.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
@@ -268,10 +269,12 @@ BlockBuilder = Callable[[BlockArgs], nn.Module]
 DOWN_BLOCKS: dict[str, BlockBuilder] = {
     "DownBlock2D": lambda a: _down(a, DownBlock2D),
     "CrossAttnDownBlock2D": lambda a: _down(a, CrossAttnDownBlock2D, **_with_attention(a)),
+    **kblocks.DOWN_BLOCKS,  # the latent upscaler's K-diffusion blocks
 }
 UP_BLOCKS: dict[str, BlockBuilder] = {
     "UpBlock2D": lambda a: _up(a, UpBlock2D),
     "CrossAttnUpBlock2D": lambda a: _up(a, CrossAttnUpBlock2D, **_with_attention(a)),
+    **kblocks.UP_BLOCKS,
 }
 MID_BLOCKS: dict[str | None, BlockBuilder] = {
     "UNetMidBlock2DCrossAttn": lambda a: UNetMidBlock2DCrossAttn(

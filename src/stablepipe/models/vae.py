@@ -217,6 +217,11 @@ class AutoencoderKL(ModelMixin):
         self.quant_conv = nn.Conv2d(moments, moments, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         self.use_slicing = False
+        # tiling (off until enable_tiling): diffusers' attribute names, so code that sets them works unchanged
+        self.use_tiling = False
+        self.tile_sample_min_size = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_latent_min_size = int(self.tile_sample_min_size / 2 ** (n - 1))
+        self.tile_overlap_factor = 0.25
 
     # -- memory options ------------------------------------------------------------------------------------------
 
@@ -227,16 +232,31 @@ class AutoencoderKL(ModelMixin):
     def disable_slicing(self) -> None:
         self.use_slicing = False
 
-    def enable_tiling(self, *args, **kwargs) -> None:
-        raise NotImplementedError(
-            "VAE tiling is not implemented in stablepipe yet; use enable_slicing() to cut memory per batch"
-        )
+    def enable_tiling(
+        self, *, tile_sample_min_size: int | None = None, tile_overlap_factor: float | None = None
+    ) -> None:
+        """Encode and decode large images in overlapping tiles, blended linearly at the seams: peak memory is that
+        of one tile. Results differ from untiled ones near the seams. Tiles are `tile_sample_min_size` pixels
+        (default: the config's `sample_size`) overlapping by `tile_overlap_factor` (default 0.25), the tiles and
+        blending of diffusers' `AutoencoderKL`, so a tiled decode matches diffusers' tiled decode."""
+        if tile_sample_min_size is not None:
+            scale = 2 ** (len(self.config.block_out_channels) - 1)
+            if tile_sample_min_size < scale or tile_sample_min_size % scale:
+                raise ValueError(
+                    f"tile_sample_min_size must be a positive multiple of {scale}, got {tile_sample_min_size}"
+                )
+            self.tile_sample_min_size, self.tile_latent_min_size = tile_sample_min_size, tile_sample_min_size // scale
+        if tile_overlap_factor is not None:
+            if not 0 <= tile_overlap_factor < 1:
+                raise ValueError(f"tile_overlap_factor must be in [0, 1), got {tile_overlap_factor}")
+            self.tile_overlap_factor = tile_overlap_factor
+        self.use_tiling = True
 
     def disable_tiling(self) -> None:
-        """Tiling is never on (see `enable_tiling`); kept so pipeline code can call it unconditionally."""
+        self.use_tiling = False
 
     def _in_slices(self, fn, x: torch.Tensor) -> torch.Tensor:
-        """Apply `fn` to the whole batch, or image by image when slicing. Tiling will hook in here too."""
+        """Apply `fn` to the whole batch, or image by image when slicing."""
         if self.use_slicing and x.shape[0] > 1:
             return torch.cat([fn(part) for part in x.split(1)])
         return fn(x)
@@ -244,10 +264,22 @@ class AutoencoderKL(ModelMixin):
     # -- encode / decode -----------------------------------------------------------------------------------------
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return tiled_map(self._encode_tile, x, tile=self.tile_sample_min_size, out_tile=self.tile_latent_min_size,
+                             overlap_factor=self.tile_overlap_factor)  # fmt: skip
+        return self._encode_tile(x)
+
+    def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2 * latent, h, w)
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return tiled_map(self._decode_tile, z, tile=self.tile_latent_min_size, out_tile=self.tile_sample_min_size,
+                             overlap_factor=self.tile_overlap_factor)  # fmt: skip
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)  # (B, out, H, W)
@@ -273,3 +305,45 @@ class AutoencoderKL(ModelMixin):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator=generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
+
+
+# ---- tiling ----------------------------------------------------------------------------------------------------
+
+
+def blend_edge(previous: torch.Tensor, tile: torch.Tensor, extent: int, dim: int) -> torch.Tensor:
+    """Cross-fade the first `extent` rows (dim=2) or columns (dim=3) of `tile` from the last ones of `previous`,
+    the neighbour above or to the left: weight k / extent on the tile's k-th line (linear blend)."""
+    extent = min(previous.shape[dim], tile.shape[dim], extent)
+    if extent == 0:
+        return tile
+    shape = [1, 1, 1, 1]
+    shape[dim] = extent
+    ramp = (torch.arange(extent, dtype=torch.float64) / extent).reshape(shape)  # (1, 1, e, 1) or (1, 1, 1, e)
+    ours, theirs = ramp.to(tile), (1 - ramp).to(tile)
+    head = previous.narrow(dim, previous.shape[dim] - extent, extent) * theirs + tile.narrow(dim, 0, extent) * ours
+    return torch.cat([head, tile.narrow(dim, extent, tile.shape[dim] - extent)], dim=dim)
+
+
+def tiled_map(fn, x: torch.Tensor, *, tile: int, out_tile: int, overlap_factor: float) -> torch.Tensor:
+    """`fn` (a map from `tile` to `out_tile` pixels, e.g. the VAE decoder) applied tile by tile: (B, C, H, W) ->
+    (B, C', H * out_tile / tile, W * out_tile / tile).
+
+    Tiles start every `tile * (1 - overlap_factor)` pixels; each output tile is blended into its already blended
+    neighbours above and to the left (`blend_edge` over `out_tile * overlap_factor` lines), then cut to the part
+    not overlapped by the next one. Only one row of output tiles is held at a time.
+    """
+    stride, extent = int(tile * (1 - overlap_factor)), int(out_tile * overlap_factor)
+    keep = out_tile - extent
+    rows, above = [], None
+    for i in range(0, x.shape[2], stride):
+        row: list[torch.Tensor] = []
+        for j in range(0, x.shape[3], stride):
+            out = fn(x[:, :, i : i + tile, j : j + tile])  # (B, C', <= out_tile, <= out_tile)
+            if above is not None:
+                out = blend_edge(above[len(row)], out, extent, dim=2)
+            if row:
+                out = blend_edge(row[-1], out, extent, dim=3)
+            row.append(out)
+        rows.append(torch.cat([out[:, :, :keep, :keep] for out in row], dim=3))
+        above = row
+    return torch.cat(rows, dim=2)

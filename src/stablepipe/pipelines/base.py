@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from stablepipe.loading import components as component_loading
 from stablepipe.loading.files import fetch_file, is_local
+from stablepipe.loading.lora import LoraLoaderMixin
+from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
 
 
 @dataclasses.dataclass
@@ -38,12 +40,15 @@ class StableDiffusionPipelineOutput:
 HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxies")
 
 
-class DiffusionPipeline:
+class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
     """Holds the components (models, tokenizers, scheduler) named by `__init__`'s arguments."""
 
     _optional_components: tuple[str, ...] = ()
     _config_keys: tuple[str, ...] = ()  # non-component `__init__` arguments saved in model_index.json
     model_cpu_offload_seq = ""
+    # `pipe.prompt_weighting = True`: AUTOMATIC1111's `(word:1.3)` syntax and prompts beyond 77 tokens
+    # (passed by `encode_prompt` to `stages.encode_prompt(prompt_weighting=...)`).
+    prompt_weighting: bool = False
 
     def register_modules(self, **modules: Any) -> None:
         for name, module in modules.items():
@@ -126,6 +131,37 @@ class DiffusionPipeline:
         )
         config = {k: index[k] for k in cls._config_keys if k in index}
         return cls(**loaded, **{**config, **{k: v for k, v in given.items() if k in cls._config_keys}})
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: str | os.PathLike,
+        *,
+        config: str | os.PathLike | None = None,
+        prediction_type: str | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs: Any,
+    ) -> DiffusionPipeline:
+        """Load one `.safetensors` / `.ckpt` in the original (CompVis, Stability, AUTOMATIC1111) layout.
+
+        The checkpoint type (SD 1.x, 2.x, inpainting, depth, XL base / refiner, x4 upscaler) is detected from
+        its keys and shapes and configured from configs shipped with stablepipe; `config=` (a diffusers folder
+        or Hub repo id) describes anything else. Components given as keyword arguments are used as they are.
+        `DiffusionPipeline.from_single_file` picks the pipeline class of the detected type.
+        """
+        from stablepipe.loading.single_file import load_pipeline
+
+        return load_pipeline(
+            cls, path, config=config, prediction_type=prediction_type, torch_dtype=torch_dtype, **kwargs
+        )
+
+    def save_single_file(
+        self, path: str | os.PathLike, *, dtype: torch.dtype | None = None, text_encoder_layout: str | None = None
+    ) -> Path:
+        """Write this pipeline's models as one original-layout `.safetensors` (or `.ckpt`) file."""
+        from stablepipe.loading.single_file import save_single_file
+
+        return save_single_file(self, path, dtype=dtype, text_encoder_layout=text_encoder_layout)
 
     def save_pretrained(
         self, folder: str | os.PathLike, *, variant: str | None = None, safe_serialization: bool = True

@@ -73,6 +73,7 @@ class StableDiffusionBase(DiffusionPipeline):
 
     def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, **kwargs):
         """diffusers' signature: returns (prompt_embeds, negative_prompt_embeds)."""
+        kwargs.setdefault("prompt_weighting", self.prompt_weighting)  # A1111 `(word:1.3)` syntax, long prompts
         return stages.encode_prompt(
             self.tokenizer, self.text_encoder, prompt, device=device, num_images_per_prompt=num_images_per_prompt,
             do_classifier_free_guidance=do_classifier_free_guidance, **kwargs,

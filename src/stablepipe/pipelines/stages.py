@@ -89,6 +89,9 @@ def check_callback_inputs(requested: Sequence[str], allowed: Sequence[str]) -> N
 
 def tokenize(tokenizer, prompts: list[str], *, max_length: int | None = None) -> torch.Tensor:
     """Token ids padded to the tokenizer's length (77 for CLIP), warning about what gets cut off."""
+    from stablepipe.loading.textual_inversion import expand_prompt
+
+    prompts = [expand_prompt(tokenizer, p) for p in prompts]  # multi-vector textual-inversion tokens
     max_length = max_length or tokenizer.model_max_length
     ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
     full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
@@ -126,11 +129,24 @@ def encode_prompt(
     prompt_embeds: torch.Tensor | None = None,
     negative_prompt_embeds: torch.Tensor | None = None,
     clip_skip: int | None = None,
+    prompt_weighting: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLIP embeddings of the prompts (B * n, 77, D) and, with guidance, of the negative prompts."""
+    """CLIP embeddings of the prompts (B * n, 77, D) and, with guidance, of the negative prompts.
+
+    `prompt_weighting=True` reads AUTOMATIC1111's syntax, `(word:1.3)`, `[word]`, BREAK, and encodes prompts
+    longer than 77 tokens in chunks: (B * n, 77 * chunks, D) (see `prompt_weighting.py`)."""
     batch_size = prompt_batch_size(prompt, prompt_embeds)
     check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds)
     dtype = text_encoder.dtype if text_encoder is not None else prompt_embeds.dtype
+    if prompt_weighting and prompt_embeds is None:
+        from stablepipe.pipelines.prompt_weighting import encode_prompt_pair
+
+        with_negatives = do_classifier_free_guidance and negative_prompt_embeds is None
+        prompt_embeds, weighted = encode_prompt_pair(
+            tokenizer, text_encoder, prompt, (negative_prompt or "") if with_negatives else None, batch_size=batch_size,
+            device=device, clip_skip=clip_skip,
+        )
+        negative_prompt_embeds = weighted if with_negatives else negative_prompt_embeds
     if prompt_embeds is None:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         prompt_embeds = text_hidden_states(text_encoder, tokenize(tokenizer, prompts), device=device, clip_skip=clip_skip)

@@ -1,0 +1,183 @@
+"""`stablepipe ldm3d PROMPT [--pano]`: an RGB image and its depth map from text (LDM3D); and the RGB-D
+upscaler behind `stablepipe upscale --ldm3d RGB DEPTH` (cli/upscale.py calls `add_upscale_flags` and
+`run_upscale` from here).
+
+Every picture is written twice: the RGB image as NAME.png and its depth as NAME-depth.png, a 16-bit
+grayscale PNG (0..65535), both with the settings in their text chunks.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from stablepipe.cli.common import (
+    UsageError,
+    add_generation_flags,
+    add_model_flags,
+    add_output_flags,
+    cached_folder,
+    generation_kwargs,
+    load_pipeline,
+    open_image_file,
+    save_png,
+    seeds_for,
+    write_images,
+)
+
+BUILTIN_NAMES = {"ldm3d": "builtin-tiny-ldm3d-v1", "sr": "builtin-tiny-ldm3d-sr-v1"}
+
+
+def register(commands) -> None:
+    parser = commands.add_parser(
+        "ldm3d", help="RGB + depth from text (LDM3D)",
+        description="Make an image and its depth map (a 16-bit PNG) from PROMPT with LDM3D, e.g. --model "
+        "Intel/ldm3d-4c; 360-degree panoramas with --pano --model Intel/ldm3d-pano.",
+    )
+    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("--pano", action="store_true",
+                        help="a 360-degree panorama: twice as wide as high by default (1024x512 with "
+                        "Intel/ldm3d-pano), its left and right edges joining")  # fmt: skip
+    add_model_flags(parser)
+    add_generation_flags(parser)
+    add_output_flags(parser)
+    parser.set_defaults(run=run)
+
+
+# ---- the built-in tiny LDM3D models (random weights) ----------------------------------------------------------
+
+
+def build_builtin_ldm3d(folder: Path, *, seed: int = 0) -> Path:
+    """The built-in tiny model with a VAE that decodes RGB + depth (the Intel/ldm3d-4c layout)."""
+    import torch
+
+    from stablepipe.builtin import TINY_VAE, builtin_model_path
+    from stablepipe.models.vae import AutoencoderKL
+    from stablepipe.pipelines.ldm3d import StableDiffusionLDM3DPipeline
+    from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
+
+    text = StableDiffusionPipeline.from_pretrained(builtin_model_path(), requires_safety_checker=False)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**{**TINY_VAE, "in_channels": 4, "out_channels": 4})
+    parts = {k: v for k, v in text.components.items() if k != "vae"}
+    return StableDiffusionLDM3DPipeline(vae=vae, **parts, requires_safety_checker=False).save_pretrained(folder)
+
+
+def build_builtin_ldm3d_sr(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny RGB-D upscaler in the Intel/ldm3d-sr layout: the tiny LDM3D VAE and text encoder, a UNet of
+    4 latent + 4 image-latent channels with 1000 noise-level classes, DDPM low-res and DDIM schedulers."""
+    import torch
+
+    from stablepipe.builtin import TINY_UNET
+    from stablepipe.models.unet import UNet2DConditionModel
+    from stablepipe.pipelines.ldm3d import StableDiffusionLDM3DPipeline, StableDiffusionUpscaleLDM3DPipeline
+    from stablepipe.schedulers import DDIMScheduler, DDPMScheduler
+
+    base = StableDiffusionLDM3DPipeline.from_pretrained(builtin_ldm3d_path(), requires_safety_checker=False)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**{**TINY_UNET, "in_channels": 8, "num_class_embeds": 1000})
+    betas = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "scaled_linear"}
+    pipe = StableDiffusionUpscaleLDM3DPipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        low_res_scheduler=DDPMScheduler(**betas), scheduler=DDIMScheduler.from_config(base.scheduler.config),
+        requires_safety_checker=False,
+    )
+    return pipe.save_pretrained(folder)
+
+
+def builtin_ldm3d_path() -> Path:
+    return cached_folder(BUILTIN_NAMES["ldm3d"], build_builtin_ldm3d)
+
+
+def builtin_ldm3d_sr_path() -> Path:
+    return cached_folder(BUILTIN_NAMES["sr"], build_builtin_ldm3d_sr)
+
+
+def with_builtin(args: argparse.Namespace, path, what: str, say) -> argparse.Namespace:
+    if args.model is not None:
+        return args
+    say(f"No --model given: using the built-in tiny {what} (random weights, the picture is noise).")
+    return argparse.Namespace(**{**vars(args), "model": str(path())})
+
+
+# ---- writing RGB + depth ---------------------------------------------------------------------------------------
+
+
+def write_rgbd(result, args: argparse.Namespace, seeds: list[int], pipe, *, extra: dict[str, Any]) -> dict[str, Any]:
+    """RGB images as the usual PNGs, each depth map beside its image as NAME-depth.png (16-bit grayscale)."""
+    report = write_images(result.rgb, args, seeds, pipe, flags=result.nsfw_content_detected, extra=extra)
+    files = []
+    for entry, depth in zip(report["files"], result.depth):
+        path = Path(entry["path"])
+        depth_path = path.with_name(f"{path.stem}-depth.png")
+        save_png(depth, depth_path, {**report["settings"], "seed": entry["seed"], "depth_of": path.name})
+        files += [{**entry, "kind": "rgb", "depth": str(depth_path)},
+                  {**entry, "kind": "depth", "path": str(depth_path), "rgb": str(path)}]  # fmt: skip
+    report["files"] = files
+    return report
+
+
+# ---- stablepipe ldm3d ------------------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, say) -> dict[str, Any]:
+    from stablepipe.pipelines.ldm3d import StableDiffusionLDM3DPipeline
+
+    seeds = seeds_for(args)
+    kwargs = generation_kwargs(args, seeds)
+    pipe = load_pipeline(StableDiffusionLDM3DPipeline, with_builtin(args, builtin_ldm3d_path, "LDM3D model", say), say)
+    if args.pano:
+        height = kwargs.setdefault("height", pipe.default_size(None, None)[0])
+        kwargs.setdefault("width", 2 * height)
+        kwargs["circular_padding"] = True
+    result = pipe(args.prompt, **kwargs)
+    return write_rgbd(result, args, seeds, pipe, extra={"pano": args.pano})
+
+
+# ---- stablepipe upscale --ldm3d RGB DEPTH ----------------------------------------------------------------------
+
+
+def add_upscale_flags(parser: argparse.ArgumentParser, kind) -> None:
+    """`upscale`'s --ldm3d choice (in its mutually exclusive `kind` group), the DEPTH file and --pano."""
+    kind.add_argument("--ldm3d", dest="kind", action="store_const", const="ldm3d",
+                      help="RGB + depth (StableDiffusionUpscaleLDM3DPipeline, e.g. --model Intel/ldm3d-sr): "
+                      "give IMAGE and its DEPTH map")  # fmt: skip
+    parser.add_argument("depth", nargs="?", help="--ldm3d only: the depth map of IMAGE (a 16-bit or 8-bit PNG)")
+    parser.add_argument("--pano", action="store_true", help="--ldm3d only: a 360-degree panorama; keep its "
+                        "left and right edges joined")  # fmt: skip
+
+
+def upscale_size(args: argparse.Namespace, rgb) -> list[int]:
+    """[height, width]: --height / --width, else twice the input (Intel/ldm3d-sr: 512 -> 1024)."""
+    height, width = args.height or 2 * rgb.height, args.width or 2 * rgb.width
+    if args.width is None and args.height is not None:
+        width = round(rgb.width * height / rgb.height / 8) * 8
+    if args.height is None and args.width is not None:
+        height = round(rgb.height * width / rgb.width / 8) * 8
+    return [height, width]
+
+
+def run_upscale(args: argparse.Namespace, say) -> dict[str, Any]:
+    """`stablepipe upscale --ldm3d RGB DEPTH`: both to --width x --height (default: twice the input)."""
+    from stablepipe.pipelines.ldm3d import StableDiffusionUpscaleLDM3DPipeline
+
+    if args.depth is None:
+        raise UsageError("--ldm3d needs the depth map too: stablepipe upscale --ldm3d RGB DEPTH")
+    for flag, value in (("--tile", args.tile), ("--tile-overlap", args.tile_overlap), ("--clip-skip", args.clip_skip)):
+        if value is not None:
+            raise UsageError(f"--ldm3d takes no {flag}")
+    rgb, depth = open_image_file(args.image, flag="IMAGE"), open_image_file(args.depth, flag="DEPTH")
+    if rgb.size != depth.size:
+        say(f"note: the depth map is {depth.width}x{depth.height} and the image {rgb.width}x{rgb.height}; "
+            "both are resized to the output size")
+    seeds = seeds_for(args)
+    kwargs = {k: v for k, v in generation_kwargs(args, seeds).items() if k not in ("width", "height")}
+    kwargs.update(target_res=upscale_size(args, rgb), circular_padding=args.pano)
+    if args.noise_level is not None:
+        kwargs["noise_level"] = args.noise_level
+    model_args = with_builtin(args, builtin_ldm3d_sr_path, "LDM3D upscaler", say)
+    pipe = load_pipeline(StableDiffusionUpscaleLDM3DPipeline, model_args, say)
+    result = pipe(args.prompt, rgb=rgb, depth=depth, **kwargs)
+    extra = {"image": args.image, "depth": args.depth, "upscaler": "ldm3d", "noise_level": args.noise_level}
+    return write_rgbd(result, args, seeds, pipe, extra=extra)

@@ -1,0 +1,99 @@
+"""Stable Diffusion 1.x / 2.x image-to-image (SDEdit: noise the image part way, then denoise with the prompt)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from stablepipe.image import ImageInput
+from stablepipe.pipelines import image_stages, stages
+from stablepipe.pipelines.base import StableDiffusionPipelineOutput
+from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
+from stablepipe.random import Generator
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+    """Image-to-image with a text-to-image checkpoint: `strength` says how much of the image is repainted."""
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        tokenizer,
+        unet,
+        scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker: bool = True,
+    ):
+        image_stages.check_unet_channels(unet, [vae.config.latent_channels], type(self).__name__)
+        super().__init__(
+            vae, text_encoder, tokenizer, unet, scheduler, safety_checker=safety_checker,
+            feature_extractor=feature_extractor, requires_safety_checker=requires_safety_checker,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        strength: float = 0.8,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unsupported: Any,
+    ) -> StableDiffusionPipelineOutput:
+        if unsupported:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
+        # 1. Check inputs
+        stages.check_steps(num_inference_steps, timesteps, sigmas)
+        image_stages.check_strength(strength, None if timesteps or sigmas else num_inference_steps)
+        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        image_stages.check_unet_channels(self.unet, [self.vae.config.latent_channels], type(self).__name__)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        device = self.device
+        # 2. Preprocess the image: (B, 3, H, W) in [-1, 1], or latents
+        image = image_stages.preprocess_image(
+            image, multiple=self.vae_scale_factor, latent_channels=self.vae.config.latent_channels
+        )
+        # 3. Encode the prompt
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
+            negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+        )
+        batch = prompt_embeds.shape[0]
+        # 4. Timesteps, the first (1 - strength) of them skipped
+        timesteps, num_inference_steps = stages.retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
+        timesteps, num_inference_steps = image_stages.strength_timesteps(self.scheduler, num_inference_steps, strength)
+        # 5. The image's latents, noised to the first timestep
+        latents = image_stages.image_latents_for_batch(
+            self.vae, image, batch, generator=generator, dtype=prompt_embeds.dtype, device=device
+        )
+        latents, _ = image_stages.noise_to_timestep(self.scheduler, latents, timesteps[:1], generator=generator)
+        # 6. Denoise
+        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, self.guidance_embedding(batch))
+        latents = stages.denoise(
+            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
+            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        # 7. Decode, check, convert
+        return self.finish(latents, output_type, return_dict)

@@ -1,0 +1,274 @@
+"""The x2 latent upscaler (stabilityai/sd-x2-latent-upscaler): Stable Diffusion latents in, latents at 2x out.
+
+image or latents -> `image_latents` (VAE encode) -> `latent_conditioning` (2x nearest latents beside the noisy
+ones; noise level and pooled text as `timestep_cond`) -> `denoise` with `KarrasDenoiser` (Euler on sigma, the
+UNet preconditioned as in k-diffusion, whole or with `TiledUNet`) -> decode at 2x.
+
+It takes a text-to-image pipeline's `output_type="latent"` output directly, so the two chain without a decode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from stablepipe.image import ImageInput, denormalize, postprocess
+from stablepipe.pipelines import image_stages, stages, upscale
+from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
+from stablepipe.random import Generator
+
+NOISE_LEVEL_FEATURES = 64  # [cos, sin] features of the conditioning image's noise level, 64 each
+
+
+# ---- text -----------------------------------------------------------------------------------------------------
+
+
+def hidden_and_pooled(text_encoder, prompts: list[str], tokenizer, *, device: torch.device):
+    """The text encoder's last hidden layer, before its final layer norm (B, 77, D), and its pooled output (B, D)."""
+    ids = stages.tokenize(tokenizer, prompts).input_ids.to(device)
+    out = text_encoder(ids, output_hidden_states=True)
+    return out.hidden_states[-1], out.pooler_output
+
+
+def encode_prompt_pooled(
+    tokenizer,
+    text_encoder,
+    prompt: stages.Prompt,
+    *,
+    device: torch.device,
+    do_classifier_free_guidance: bool,
+    negative_prompt: stages.Prompt = None,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    pooled_prompt_embeds: torch.Tensor | None = None,
+    negative_pooled_prompt_embeds: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as the latent upscaler was trained:
+    per-token states (B, 77, D) and the pooled (end-of-text) state (B, D); negatives only with guidance."""
+    batch_size = stages.prompt_batch_size(prompt, prompt_embeds)
+    stages.check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds)
+    check_pooled(prompt_embeds, pooled_prompt_embeds, "")
+    check_pooled(negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
+    if prompt_embeds is None:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        prompt_embeds, pooled_prompt_embeds = hidden_and_pooled(text_encoder, prompts, tokenizer, device=device)
+    if not do_classifier_free_guidance:
+        return prompt_embeds, None, pooled_prompt_embeds, None
+    if negative_prompt_embeds is None:
+        negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
+        negative_prompt_embeds, negative_pooled_prompt_embeds = hidden_and_pooled(
+            text_encoder, negatives, tokenizer, device=device
+        )
+    if negative_prompt_embeds.shape != prompt_embeds.shape:
+        raise ValueError(
+            f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
+            f"{tuple(prompt_embeds.shape)} must have the same shape"
+        )
+    return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
+
+
+def check_pooled(embeds: torch.Tensor | None, pooled: torch.Tensor | None, prefix: str) -> None:
+    if embeds is not None and pooled is None:
+        raise ValueError(
+            f"{prefix}prompt_embeds need {prefix}pooled_prompt_embeds too (the text encoder's pooled output for the "
+            "same prompts): the latent upscaler is conditioned on both"
+        )
+
+
+# ---- the low-resolution latents ----------------------------------------------------------------------------
+
+
+def image_latents(vae, image: torch.Tensor, *, generator: Generator) -> torch.Tensor:
+    """(B, 3, H, W) images in [-1, 1] -> sampled, scaled latents (B, C, H/8, W/8); latents pass through."""
+    if image.shape[1] == vae.config.latent_channels:
+        return image
+    return image_stages.encode_images(vae, image, generator=generator)
+
+
+def latent_conditioning(
+    latents: torch.Tensor, pooled: torch.Tensor, *, batch_size: int, copies: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The low-res latents at 2x (nearest), as extra UNet channels (copies * B, C, 2h, 2w), and the UNet's
+    `timestep_cond` (copies * B, 128 + D): [cos, sin] features of the conditioning's noise level (0: no noise
+    augmentation, so ones and zeros) followed by the pooled text embedding."""
+    latents = image_stages.repeat_to_batch(latents, batch_size, what="images")  # (B, C, h, w)
+    latents = torch.cat([latents] * copies)  # (copies * B, C, h, w)
+    level = torch.zeros(latents.shape[0], dtype=torch.float32, device=latents.device)  # sigma of the conditioning
+    inv_noise = (level**2 + 1) ** -0.5  # c_in of that sigma (Karras et al. 2022, Table 1)
+    extra = F.interpolate(latents, scale_factor=2, mode="nearest") * inv_noise[:, None, None, None]
+    ones = torch.ones(pooled.shape[0], NOISE_LEVEL_FEATURES, dtype=pooled.dtype, device=pooled.device)
+    timestep_cond = torch.cat([ones, torch.zeros_like(ones), pooled], dim=1)  # (copies * B, 128 + D)
+    return extra.to(pooled.dtype), timestep_cond
+
+
+# ---- the denoiser ----------------------------------------------------------------------------------------------
+
+
+def karras_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """c_skip, c_out, c_in, c_noise of Karras et al. 2022, Table 1, with sigma_data = 1: the denoiser is
+    D(x) = c_skip x + c_out F(c_in x, c_noise)."""
+    c_skip = 1 / (sigma**2 + 1)
+    c_in = (sigma**2 + 1) ** -0.5
+    return c_skip, sigma * c_in, c_in, torch.log(sigma) * 0.25
+
+
+class KarrasDenoiser:
+    """The latent upscaler's UNet as a denoiser D(x, sigma), called like a UNet by the shared denoising loop.
+
+    The loop passes the scheduler-scaled input c_in x (the `latent_channels` first channels) with the
+    conditioning channels; the UNet is called at c_noise and its extra output channel dropped, and the result
+    is the clean-latent estimate, so the scheduler must use prediction_type "sample".
+    """
+
+    def __init__(self, unet: Callable, scheduler, *, latent_channels: int):
+        self.unet, self.scheduler, self.latent_channels = unet, scheduler, latent_channels
+
+    def __call__(self, sample: torch.Tensor, timestep, *, encoder_hidden_states, return_dict: bool = False, **kw):
+        sigma = self.scheduler.sigmas[self.scheduler.step_index].to(sample.device)
+        c_skip, c_out, c_in, c_noise = karras_scalings(sigma)
+        scaled = sample[:, : self.latent_channels]  # c_in x, (B, C, H, W)
+        out = self.unet(sample, c_noise, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kw)[0]
+        return (scaled * (c_skip / c_in) + c_out * out[:, :-1],)  # (B, C, H, W)
+
+
+def check_scheduler(scheduler) -> None:
+    """The denoiser works on sigma and returns x0: it needs a k-diffusion (sigma) scheduler predicting "sample"."""
+    if not hasattr(scheduler, "sigmas") or scheduler.config.get("prediction_type") != "sample":
+        kind = scheduler.config.get("prediction_type")
+        raise ValueError(
+            f"the latent upscaler needs a sigma scheduler with prediction_type='sample' (its model card uses "
+            f"EulerDiscreteScheduler); got {type(scheduler).__name__} with prediction_type={kind!r}"
+        )
+
+
+# ---- the pipeline ----------------------------------------------------------------------------------------
+
+
+class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
+    """Text-guided 2x upscaling in latent space, for Stable Diffusion's latents (or images, encoded first)."""
+
+    model_cpu_offload_seq = "text_encoder->unet->vae"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        channels = vae.config.latent_channels
+        if unet.config.in_channels != 2 * channels:
+            raise ValueError(
+                f"StableDiffusionLatentUpscalePipeline needs a UNet with {2 * channels} input channels ({channels} "
+                f"latent + {channels} low-res latent), but this one has {unet.config.in_channels}; load "
+                "stabilityai/sd-x2-latent-upscaler"
+            )
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1
+
+    def check_inputs(self, prompt, image, prompt_embeds, callback_steps, tile_size, tile_overlap):
+        """Every argument check, before any model runs; returns the loaded input and the tiling spec."""
+        check_scheduler(self.scheduler)
+        stages.check_callback_steps(callback_steps)
+        batch = image_stages.load_images(image, kind="image", latent_channels=self.vae.config.latent_channels)
+        upscale.check_image_batch(image_stages.batch_length(batch), stages.prompt_batch_size(prompt, prompt_embeds))
+        # the UNet sees the latents at 2x and its blur resampling needs >= 2 pixels at the lowest level
+        levels, name = upscale.unet_minimum_size(self.unet), type(self).__name__
+        upscale.check_low_res_size(batch, minimum=self.vae_scale_factor * levels, pipeline=name,
+                                   latent_channels=self.vae.config.latent_channels,
+                                   vae_scale_factor=self.vae_scale_factor)  # fmt: skip
+        if isinstance(batch, torch.Tensor) and batch.shape[1] == self.vae.config.latent_channels:
+            if any(side % (levels // 2) for side in batch.shape[-2:]):
+                raise ValueError(
+                    f"{name} got latents of size {tuple(batch.shape[-2:])}: at 2x its UNet halves them "
+                    f"{levels.bit_length() - 1} times, so each side must be a multiple of {levels // 2} "
+                    f"(images: of {self.input_multiple} pixels)"
+                )
+        return batch, upscale.tile_spec(tile_size, tile_overlap, scale=2 / self.vae_scale_factor, multiple=2 * levels)
+
+    @property
+    def input_multiple(self) -> int:
+        """Input images are floored to a multiple of this many pixels, so that the 2x latents halve evenly at every
+        UNet level (diffusers floors to the VAE's 8 and then fails inside the UNet on other sizes)."""
+        return self.vae_scale_factor * upscale.unet_minimum_size(self.unet) // 2
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        num_inference_steps: int = 75,
+        guidance_scale: float = 9.0,
+        negative_prompt: str | list[str] | None = None,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        *,
+        tile_size: int | None = None,
+        tile_overlap: int | None = None,
+    ):
+        """Upscale `image` (PIL / array / tensor images, or (B, 4, h, w) latents) 2x. `tile_size` (pixels of the
+        decoded input, a multiple of 32) runs the UNet and the VAE in tiles overlapping by `tile_overlap`."""
+        # 1. Check inputs
+        batch, tiles = self.check_inputs(prompt, image, prompt_embeds, callback_steps, tile_size, tile_overlap)
+        stages.check_steps(num_inference_steps, None, None)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        device, batch_size = self.device, stages.prompt_batch_size(prompt, prompt_embeds)
+        # 2. Encode the prompt (guidance_scale 0: unconditional, as in diffusers)
+        if guidance_scale == 0 and prompt_embeds is None:
+            prompt = [""] * batch_size
+        embeds, negative, pooled, negative_pooled = encode_prompt_pooled(
+            self.tokenizer, self.text_encoder, prompt, device=device,
+            do_classifier_free_guidance=self.do_classifier_free_guidance, negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+        )
+        cond = stages.Conditioning(embeds, negative)
+        # 3. The low-res latents (B_img, 4, h, w): given, or encoded from the image
+        channels = self.vae.config.latent_channels
+        low_res = upscale.preprocess_low_res(batch, multiple=self.input_multiple, latent_channels=channels)
+        with upscale.vae_tiling(self.vae, tiles):
+            low_res = image_latents(self.vae, low_res.to(device, embeds.dtype), generator=generator)
+        # 4. Timesteps; conditioning: 2x latents as extra channels, noise level + pooled text as timestep_cond
+        timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        pooled = pooled if negative_pooled is None else torch.cat([negative_pooled, pooled])
+        cond.extra_channels, timestep_cond = latent_conditioning(low_res, pooled, batch_size=batch_size,
+                                                                 copies=cond.copies)  # fmt: skip
+        cond.unet_kwargs["timestep_cond"] = timestep_cond
+        # 5. Initial noise (B, 4, 2h, 2w)
+        shape = (batch_size, channels, 2 * low_res.shape[2], 2 * low_res.shape[3])
+        latents = stages.prepare_latents(shape, dtype=embeds.dtype, device=device, generator=generator,
+                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)  # fmt: skip
+        # 6. Denoise: Euler on sigma with the preconditioned UNet, whole or tile by tile
+        unet = upscale.TiledUNet(self.unet, tiles) if tiles else self.unet
+        hook = upscale.callback_hook(self.scheduler, callback, callback_steps, timesteps, num_inference_steps)
+        latents = stages.denoise(
+            self, latents, timesteps, cond, num_inference_steps=num_inference_steps, after_step=hook,
+            step_kwargs=stages.step_kwargs(self.scheduler, generator=None, eta=0.0),
+            model=KarrasDenoiser(unet, self.scheduler, latent_channels=channels),
+        )
+        # 7. Decode at 2x (tiled too), convert
+        with upscale.vae_tiling(self.vae, tiles):
+            images = self.decode(latents, output_type)
+        return StableDiffusionPipelineOutput(images=images) if return_dict else (images,)
+
+    def decode(self, latents: torch.Tensor, output_type: str):
+        """Latents -> the requested output type (no safety checker: diffusers' latent upscaler has none)."""
+        if output_type == "latent":
+            return latents
+        return postprocess(denormalize(stages.decode_latents(self.vae, latents)), output_type,
+                           do_denormalize=[False] * latents.shape[0])  # fmt: skip

@@ -1,0 +1,557 @@
+"""Stable Diffusion XL: text-to-image, image-to-image (the refiner too) and inpainting.
+
+The base -> refiner ensemble, as in diffusers:
+
+    latents = base(prompt, denoising_end=0.8, output_type="latent").images
+    image = refiner(prompt, image=latents, denoising_start=0.8).images[0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+
+from stablepipe.image import OUTPUT_TYPES, ImageInput, postprocess
+from stablepipe.pipelines import image_stages, sdxl_stages, stages
+from stablepipe.pipelines.inpaint import (
+    StableDiffusionInpaintPipeline,
+    check_masked_image_latents,
+    check_padding_mask_crop,
+)
+from stablepipe.pipelines.sdxl_stages import MicroConditioning, PromptEmbeds
+from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
+from stablepipe.random import Generator
+
+WATERMARK_WARNING = (
+    "stablepipe does not apply SDXL's invisible watermark (add_watermarker=True is ignored); "
+    "pass add_watermarker=False to silence this"
+)
+
+
+@dataclasses.dataclass
+class StableDiffusionXLPipelineOutput:
+    """`images`: PIL images, an array (B, H, W, C), a tensor (B, C, H, W) or latents."""
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+
+    def __getitem__(self, index: int):
+        return (self.images,)[index]
+
+
+class StableDiffusionXLBase(StableDiffusionBase):
+    """What the SDXL pipelines share: two text encoders, micro-conditioning, and an upcasting VAE decode."""
+
+    _optional_components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder",
+                            "feature_extractor")
+    _config_keys = ("force_zeros_for_empty_prompt", "add_watermarker")
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        if add_watermarker:
+            self.warn_once(WATERMARK_WARNING)
+        self.register_modules(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, image_encoder=image_encoder,
+            feature_extractor=feature_extractor,
+        )
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.add_watermarker = add_watermarker
+
+    @property
+    def denoising_end(self) -> float | None:
+        return getattr(self, "_denoising_end", None)
+
+    @property
+    def denoising_start(self) -> float | None:
+        return getattr(self, "_denoising_start", None)
+
+    def text_encoders(self) -> list[tuple]:
+        """The (tokenizer, text_encoder) pairs present: both on the base model, the second only on the refiner."""
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(t, e) for t, e in pairs if t is not None and e is not None]
+
+    @torch.no_grad()
+    def encode_prompt(
+        self,
+        prompt,
+        prompt_2=None,
+        device: torch.device | None = None,
+        num_images_per_prompt: int = 1,
+        do_classifier_free_guidance: bool = True,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple:
+        """diffusers' signature: (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+        negative_pooled_prompt_embeds)."""
+        return self.embed_prompts(
+            prompt, prompt_2, negative_prompt, negative_prompt_2,
+            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            device=device or self.device, num_images_per_prompt=num_images_per_prompt,
+            guided=do_classifier_free_guidance, clip_skip=clip_skip, lora_scale=lora_scale,
+        ).as_tuple()
+
+    def embed_prompts(
+        self, prompt, prompt_2, negative_prompt, negative_prompt_2, given: Sequence[torch.Tensor | None], *,
+        device: torch.device, num_images_per_prompt: int, clip_skip: int | None, guided: bool | None = None,
+        lora_scale: float | None = None,
+    ) -> PromptEmbeds:
+        """Both encoders' embeddings, in the second encoder's dtype (the UNet's without one); `given` holds the
+        (prompt, negative, pooled, negative pooled) embeddings passed in; `guided` defaults to this call's."""
+        if lora_scale is not None:
+            raise ValueError("lora_scale needs LoRA weights, which this pipeline has none of; leave it unset")
+        encoders = self.text_encoders()
+        if not encoders and given[0] is None:
+            raise ValueError("this pipeline has no text encoder; pass prompt_embeds and pooled_prompt_embeds")
+        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+        return sdxl_stages.encode_prompt(
+            encoders, prompt, prompt_2, device=device, dtype=dtype, num_images_per_prompt=num_images_per_prompt,
+            do_classifier_free_guidance=self.do_classifier_free_guidance if guided is None else guided,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+            prompt_embeds=given[0], negative_prompt_embeds=given[1], pooled_prompt_embeds=given[2],
+            negative_pooled_prompt_embeds=given[3], clip_skip=clip_skip,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+        )
+
+    def check_time_ids(self, pooled_prompt_embeds: torch.Tensor | None) -> None:
+        """Does the UNet take the micro-conditioning this pipeline builds (6 ids, or 5 for the refiner)?"""
+        aesthetic = getattr(self, "requires_aesthetics_score", None)
+        projection_dim = None  # unknown without a second encoder or pooled embeddings: encode_prompt asks for them
+        if self.text_encoder_2 is not None:
+            projection_dim = self.text_encoder_2.config.projection_dim
+        elif pooled_prompt_embeds is not None:
+            projection_dim = pooled_prompt_embeds.shape[-1]
+        num_ids = 5 if aesthetic else 6
+        sdxl_stages.check_time_ids(self.unet, num_ids, projection_dim, requires_aesthetics_score=aesthetic)
+
+    def conditioning(
+        self, embeds: PromptEmbeds, ids: tuple[list[float], list[float]], *, repeat_pairs: bool = False,
+        cross_attention_kwargs: dict | None = None,
+    ) -> stages.Conditioning:
+        """Everything the UNet is conditioned on: text, pooled text and micro-conditioning ids, guidance embedding."""
+        batch = embeds.prompt_embeds.shape[0]
+        added = sdxl_stages.added_cond_kwargs(embeds, *ids, batch=batch, repeat_pairs=repeat_pairs)
+        unet_kwargs: dict[str, Any] = {"added_cond_kwargs": added, **self.guidance_embedding(batch)}
+        if cross_attention_kwargs is not None:
+            unet_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+        return stages.Conditioning(embeds.prompt_embeds, embeds.negative_prompt_embeds, unet_kwargs)
+
+    def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
+        """Decode (in float32 where the VAE needs it) and convert; SDXL has no safety checker."""
+        if output_type == "latent":
+            images = latents
+        else:
+            images = postprocess(sdxl_stages.decode_latents(self.vae, latents), output_type)
+        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
+
+    def begin_call(
+        self, unsupported: dict[str, Any], guidance_scale: float, names: Sequence[str], output_type: str
+    ) -> torch.device:
+        """Checks every SDXL `__call__` starts with; sets the per-call state; returns the device."""
+        if unsupported:
+            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        stages.check_callback_inputs(names, self._callback_tensor_inputs)
+        self._guidance_scale, self._interrupt = guidance_scale, False
+        return self.device
+
+
+class StableDiffusionXLPipeline(StableDiffusionXLBase):
+    """Text-to-image with Stable Diffusion XL (base model; `denoising_end` hands over to the refiner)."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unsupported: Any,
+    ) -> StableDiffusionXLPipelineOutput:
+        # 1. Check inputs
+        device = self.begin_call(unsupported, guidance_scale, callback_on_step_end_tensor_inputs, output_type)
+        height, width = self.default_size(height, width)
+        stages.check_size(height, width, multiple=self.vae_scale_factor)
+        stages.check_steps(num_inference_steps, timesteps, sigmas)
+        sdxl_stages.check_denoising_fractions(None, denoising_end)
+        self.check_time_ids(pooled_prompt_embeds)
+        self._denoising_end = denoising_end
+        micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                  negative_crops_coords_top_left, negative_target_size)
+        # 2. Encode the prompt with both text encoders
+        embeds = self.embed_prompts(
+            prompt, prompt_2, negative_prompt, negative_prompt_2,
+            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+        )
+        batch = embeds.prompt_embeds.shape[0]
+        # 3. Timesteps, cut at denoising_end when the refiner takes over
+        timesteps, num_inference_steps = stages.retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
+        timesteps, num_inference_steps = sdxl_stages.cut_at_denoising_end(
+            self.scheduler, timesteps, num_inference_steps, denoising_end
+        )
+        sdxl_stages.set_begin_index(self.scheduler, 0)
+        # 4. Initial noise
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        latents = stages.prepare_latents(
+            shape, dtype=embeds.prompt_embeds.dtype, device=device, generator=generator, latents=latents,
+            init_noise_sigma=self.scheduler.init_noise_sigma,
+        )
+        # 5. Micro-conditioning and pooled text
+        cond = self.conditioning(embeds, micro.text_to_image_ids(height, width), repeat_pairs=True,
+                                 cross_attention_kwargs=cross_attention_kwargs)
+        # 6. Denoise
+        latents = stages.denoise(
+            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
+            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        # 7. Decode (float32 VAE where needed) and convert
+        return self.finish(latents, output_type, return_dict)
+
+
+class StableDiffusionXLImageBase(StableDiffusionXLBase):
+    """SDXL pipelines that start from an image; `requires_aesthetics_score` marks the refiner's UNet."""
+
+    _config_keys = ("requires_aesthetics_score", "force_zeros_for_empty_prompt", "add_watermarker")
+
+    def __init__(
+        self,
+        vae,
+        text_encoder,
+        text_encoder_2,
+        tokenizer,
+        tokenizer_2,
+        unet,
+        scheduler,
+        image_encoder=None,
+        feature_extractor=None,
+        requires_aesthetics_score: bool = False,
+        force_zeros_for_empty_prompt: bool = True,
+        add_watermarker: bool | None = None,
+    ):
+        super().__init__(
+            vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, image_encoder,
+            feature_extractor, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+            add_watermarker=add_watermarker,
+        )
+        self.requires_aesthetics_score = requires_aesthetics_score
+
+    def check_image_inputs(
+        self, strength: float, num_inference_steps: int, denoising: tuple[float | None, float | None], custom: bool
+    ) -> None:
+        """strength in [0, 1] (leaving a step, unless `denoising_start` picks the steps), denoising fractions."""
+        denoising_start, denoising_end = denoising
+        sdxl_stages.check_denoising_fractions(denoising_start, denoising_end)
+        steps = None if custom or sdxl_stages.is_fraction(denoising_start) else num_inference_steps
+        image_stages.check_strength(strength, steps)
+        self._denoising_start, self._denoising_end = denoising_start, denoising_end
+
+    def image_timesteps(
+        self, num_inference_steps: int, strength: float, device: torch.device, *, timesteps=None, sigmas=None
+    ) -> tuple[torch.Tensor, int]:
+        """The schedule, started at `denoising_start` or cut by `strength`, then cut at `denoising_end`."""
+        timesteps, num_inference_steps = stages.retrieve_timesteps(
+            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        )
+        timesteps, num_inference_steps = sdxl_stages.image_timesteps(
+            self.scheduler, num_inference_steps, strength=strength, denoising_start=self.denoising_start
+        )
+        return sdxl_stages.cut_at_denoising_end(self.scheduler, timesteps, num_inference_steps, self.denoising_end)
+
+    def image_conditioning(
+        self, embeds: PromptEmbeds, micro: MicroConditioning, latents: torch.Tensor, cross_attention_kwargs=None
+    ) -> stages.Conditioning:
+        """The UNet's conditioning, with the micro-conditioning sizes defaulting to the latents' pixel size."""
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        ids = micro.image_to_image_ids(height, width, aesthetic=self.requires_aesthetics_score)
+        return self.conditioning(embeds, ids, cross_attention_kwargs=cross_attention_kwargs)
+
+
+class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
+    """SDXL image-to-image: the refiner (on an image, or on the base's latents with `denoising_start`) and
+    image-to-image with the base model."""
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        strength: float = 0.3,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 5.0,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unsupported: Any,
+    ) -> StableDiffusionXLPipelineOutput:
+        # 1. Check inputs
+        device = self.begin_call(unsupported, guidance_scale, callback_on_step_end_tensor_inputs, output_type)
+        stages.check_steps(num_inference_steps, timesteps, sigmas)
+        custom_schedule = timesteps is not None or sigmas is not None
+        self.check_image_inputs(strength, num_inference_steps, (denoising_start, denoising_end), custom_schedule)
+        self.check_time_ids(pooled_prompt_embeds)
+        micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                  negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                                  negative_aesthetic_score)
+        # 2. Encode the prompt (the refiner has only the second text encoder)
+        embeds = self.embed_prompts(
+            prompt, prompt_2, negative_prompt, negative_prompt_2,
+            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+        )
+        # 3. Preprocess the image: (B, 3, H, W) in [-1, 1], or the base model's latents
+        image = image_stages.preprocess_image(
+            image, multiple=self.vae_scale_factor, latent_channels=self.vae.config.latent_channels
+        )
+        # 4. Timesteps: from denoising_start, or the last `strength` of them; cut at denoising_end
+        timesteps, num_inference_steps = self.image_timesteps(
+            num_inference_steps, strength, device, timesteps=timesteps, sigmas=sigmas
+        )
+        # 5. The image's latents, noised to the first timestep unless the refiner continues the base's latents
+        if latents is None:
+            latents = sdxl_stages.image_latents(
+                self.vae, image, embeds.prompt_embeds.shape[0], generator=generator,
+                dtype=embeds.prompt_embeds.dtype, device=device,
+            )
+            if denoising_start is None:
+                latents, _ = image_stages.noise_to_timestep(self.scheduler, latents, timesteps[:1], generator=generator)
+        # 6. Denoise
+        cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs)
+        latents = stages.denoise(
+            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
+            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        # 7. Decode (float32 VAE where needed) and convert
+        return self.finish(latents, output_type, return_dict)
+
+
+class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusionInpaintPipeline):
+    """SDXL inpainting with the base model or refiner (4-channel UNet: the known area is blended back after each
+    step) or an SDXL inpainting UNet (9 channels). The latents, mask and blending stages are Stable Diffusion
+    inpainting's; SDXL adds its conditioning, the float32 VAE and `denoising_start` / `denoising_end`."""
+
+    _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        prompt_2: str | list[str] | None = None,
+        image: ImageInput | None = None,
+        mask_image: ImageInput | None = None,
+        masked_image_latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        padding_mask_crop: int | None = None,
+        strength: float = 0.9999,
+        num_inference_steps: int = 50,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        denoising_start: float | None = None,
+        denoising_end: float | None = None,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: Generator = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] = (0, 0),
+        negative_target_size: tuple[int, int] | None = None,
+        aesthetic_score: float = 6.0,
+        negative_aesthetic_score: float = 2.5,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unsupported: Any,
+    ) -> StableDiffusionXLPipelineOutput:
+        # 1. Check inputs
+        device = self.begin_call(unsupported, guidance_scale, callback_on_step_end_tensor_inputs, output_type)
+        height, width = self.default_size(height, width)
+        stages.check_steps(num_inference_steps, timesteps, sigmas)
+        custom_schedule = timesteps is not None or sigmas is not None
+        self.check_image_inputs(strength, num_inference_steps, (denoising_start, denoising_end), custom_schedule)
+        self.check_time_ids(pooled_prompt_embeds)
+        batch = stages.prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        images, masks = self.check_inpaint_inputs(
+            image, mask_image, masked_image_latents, height=height, width=width, batch=batch, generator=generator,
+            padding_mask_crop=padding_mask_crop, output_type=output_type, strength=strength,
+        )
+        micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
+                                  negative_crops_coords_top_left, negative_target_size, aesthetic_score,
+                                  negative_aesthetic_score)
+        # 2. Encode the prompt
+        embeds = self.embed_prompts(
+            prompt, prompt_2, negative_prompt, negative_prompt_2,
+            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
+        )
+        # 3. Timesteps: from denoising_start, or the last `strength` of them; cut at denoising_end
+        timesteps, num_inference_steps = self.image_timesteps(
+            num_inference_steps, strength, device, timesteps=timesteps, sigmas=sigmas
+        )
+        # 4. Preprocess the image (B, 3, H, W) (or latents) and the mask (B, 1, H, W), cropped if asked
+        crop = None
+        if padding_mask_crop is not None:
+            crop = image_stages.mask_crop_region(masks[0], width, height, pad=padding_mask_crop)
+        size = dict(height=height, width=width, multiple=self.vae_scale_factor, crop=crop)
+        init_image = image_stages.preprocess_image(images, latent_channels=self.vae.config.latent_channels, **size)
+        mask = image_stages.preprocess_mask(masks, **size)
+        # 5. Starting latents, their noise and the image's latents (float32 VAE where needed)
+        with sdxl_stages.vae_upcast(self.vae):
+            latents, noise, image_latents = self.start_latents(
+                init_image, timesteps[:1], batch, strength=strength, latents=latents, generator=generator,
+                dtype=embeds.prompt_embeds.dtype, height=height, width=width,
+            )
+        if denoising_start is not None:
+            latents = image_latents  # continue from the image's (the base model's) latents, no noise added
+        # 6. Conditioning: text, micro-conditioning, mask and masked-image latents
+        cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs)
+        with sdxl_stages.vae_upcast(self.vae):
+            extras = self.mask_extras(
+                init_image, mask, self.masked_latents_or_stand_in(init_image, masked_image_latents), batch,
+                generator=generator, cond=cond,
+            )
+        # 7. Denoise (a 4-channel UNet gets the known area blended back after each step)
+        latents = stages.denoise(
+            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
+            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+            guidance_rescale=guidance_rescale,
+            after_step=None if self.inpainting_unet else self.blend_step(timesteps, extras, noise, image_latents, cond),
+            callback_on_step_end=image_stages.callback_with_extras(callback_on_step_end, extras, cond),
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        )
+        # 8. Decode (float32 VAE where needed), convert, paste the crop back into the whole image
+        output = self.finish(latents, output_type, return_dict=True)
+        if crop is not None:
+            output.images = image_stages.paste_crop_back(output.images, images[0], masks[0], crop)
+        return output if return_dict else (output.images,)
+
+    def check_inpaint_inputs(
+        self, image, mask_image, masked_image_latents, *, height: int, width: int, batch: int, generator: Generator,
+        padding_mask_crop: int | None, output_type: str, strength: float,
+    ) -> tuple[image_stages.ImageBatch, image_stages.ImageBatch]:
+        """The checks that need no model run; returns the image (or latents) and mask as PIL images or tensors."""
+        stages.check_size(height, width, multiple=self.vae_scale_factor)
+        channels = self.vae.config.latent_channels
+        image_stages.check_unet_channels(self.unet, [2 * channels + 1, channels], type(self).__name__)
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images; pass one or one per image")
+        if padding_mask_crop is not None:
+            check_padding_mask_crop(image, mask_image, padding_mask_crop, output_type)
+        images = image_stages.load_images(image, latent_channels=channels)
+        masks = image_stages.load_images(mask_image, kind="mask")
+        image_stages.check_mask_matches_image(masks, images, latent_channels=channels, scale=self.vae_scale_factor)
+        if masked_image_latents is not None:
+            check_masked_image_latents(masked_image_latents, (channels, height // self.vae_scale_factor,
+                                                              width // self.vae_scale_factor))
+        elif self.inpainting_unet and isinstance(images, torch.Tensor) and images.shape[1] == channels:
+            raise ValueError("`image` was given as latents; an inpainting UNet needs `masked_image_latents` too")
+        if self.inpainting_unet and sdxl_stages.is_fraction(self.denoising_start) and strength == 1.0:
+            raise ValueError("denoising_start with an inpainting UNet starts from the image: use strength < 1")
+        return images, masks
+
+    def masked_latents_or_stand_in(self, init_image: torch.Tensor, masked_image_latents: torch.Tensor | None):
+        """`masked_image_latents`, or, when `image` is latents (the refiner continuing the base's), zeros: there
+        is no masked image to encode, and the 4-channel UNet that takes latents reads only the mask."""
+        if masked_image_latents is None and init_image.shape[1] == self.vae.config.latent_channels:
+            return torch.zeros_like(init_image[:1])  # (1, 4, h, w), never read
+        return masked_image_latents
