@@ -49,10 +49,12 @@ def all_scenes() -> list[Scene]:
             for z in SIZES if b != c]
 
 
-def shape_mask(shape: str, cx: float, cy: float, half: float, *, size: int = SIZE) -> np.ndarray:
+def shape_mask(
+    shape: str, cx: float, cy: float, half: float, *, size: int = SIZE, supersample: int = SUPERSAMPLE
+) -> np.ndarray:
     """Coverage in [0, 1] of each pixel by the shape, (size, size), by supersampling."""
-    n = size * SUPERSAMPLE
-    coords = (np.arange(n) + 0.5) / SUPERSAMPLE
+    n = size * supersample
+    coords = (np.arange(n) + 0.5) / supersample
     x, y = np.meshgrid(coords, coords)  # (n, n) each
     if shape == "circle":
         inside = (x - cx) ** 2 + (y - cy) ** 2 <= half**2
@@ -62,7 +64,7 @@ def shape_mask(shape: str, cx: float, cy: float, half: float, *, size: int = SIZ
         top, bottom = cy - half, cy + half
         t = (y - top) / (bottom - top)
         inside = (t >= 0) & (t <= 1) & (np.abs(x - cx) <= t * half * 1.1)
-    return inside.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).mean(axis=(1, 3))
+    return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 
 def render(scene: Scene, rng: np.random.Generator | None = None) -> np.ndarray:
@@ -109,7 +111,7 @@ def best_shape(alpha: np.ndarray) -> tuple[str, str]:
             y0 = cy - half / 3 if shape == "triangle" else cy  # a triangle's centroid is a third below its centre
             for dx in (-1, -0.5, 0, 0.5, 1):
                 for dy in (-1, -0.5, 0, 0.5, 1):
-                    mask = shape_mask(shape, cx + dx, y0 + dy, half, size=alpha.shape[0])
+                    mask = shape_mask(shape, cx + dx, y0 + dy, half, size=alpha.shape[0], supersample=2)
                     iou = np.minimum(mask, alpha).sum() / max(np.maximum(mask, alpha).sum(), 1e-6)
                     if iou > best_iou:
                         best, best_iou = (shape, size), iou
@@ -147,3 +149,14 @@ def check_picture(image: np.ndarray, scene: Scene) -> dict[str, bool]:
     """Which of the scene's attributes the picture follows."""
     found = read_picture(image, scene.position)
     return {key: found[key] == getattr(scene, key) for key in ("colour", "shape", "position", "background", "size")}
+
+
+def benchmark_scenes(count: int = 32) -> list[Scene]:
+    """A fixed set of scenes that cycles through every colour, shape, position, background and size."""
+    colours, backgrounds, sizes = list(COLOURS), list(BACKGROUNDS), list(SIZES)
+    scenes = []
+    for i in range(count):
+        colour = colours[i % len(colours)]
+        background = [b for b in backgrounds if b != colour][(i // 2) % 3]
+        scenes.append(Scene(colour, SHAPES[i % 3], POSITIONS[i % 4], background, sizes[(i // 4) % 2]))
+    return scenes
