@@ -1,126 +1,129 @@
-"""Peak memory of the x4 upscaler, untiled against tiled (UNet tiles + the VAE's tiled decode), same run.
+"""Peak memory of the x4 upscaler, untiled against tiled (UNet tiles + the VAE's tiled decode).
 
-    python benchmarks/upscale_memory.py --sizes 128 192 --tile 64 --overlap 16 --steps 1
-    python benchmarks/upscale_memory.py --sizes 512 --tile 128 --device cuda       # on a GPU
+    python benchmarks/upscale_memory.py --sizes 128 256 512 --tile 128 --overlap 32     # seconds, any machine
+    python benchmarks/upscale_memory.py --sizes 512 --tile 128 --device cuda            # a real run on a GPU
 
 The models have the real stabilityai/stable-diffusion-x4-upscaler architecture (UNet 473M parameters, 3-level
-VAE; the configs stablepipe ships for single-file loading) with random weights, so nothing is downloaded; the
-prompt embeddings are random too (the text encoder is not part of the measurement). Each case runs in a fresh
-process, after a warm-up call on a 32 px image (one-time caches such as oneDNN's weight layouts are not counted).
-CPU: peak resident memory (VmHWM, reset before the call) above the memory held just before it, with glibc's
-mmap threshold fixed so that freed tensors leave resident memory at once; CUDA:
-`torch.cuda.max_memory_allocated` above the same baseline. Guidance is on (batch 2).
+VAE; the configs stablepipe ships for single-file loading) with random weights, so nothing is downloaded.
+
+Default (`--device meta`): the two memory-heavy stages, one guided UNet step (batch 2) and the VAE decode, run on
+PyTorch's meta device (shapes only, no arithmetic) while a dispatch mode counts the bytes of the tensors alive at
+each moment: the peak is the activation memory the stage needs on top of the weights, in float32, independent
+of the allocator, with attention counted as torch's memory-efficient kernel runs it (no N x N matrix).
+(Resident-memory measurements on the 2-core CPU VM proved unreliable: the kernel's high-water mark missed peaks.)
+`--device cuda`: the whole pipeline for real, one step, peak `torch.cuda.max_memory_allocated` above the memory
+held before the call.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+MIB = 2**20
 
 
-def rss_kib(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM) in KiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status (this CPU measurement needs Linux)")
+class LiveTensorBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors created inside the block while they are alive; keeps the peak."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.tracked: set[int] = set()
+
+    def forget(self, key: int, nbytes: int) -> None:
+        self.tracked.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t._base is None and id(t) not in self.tracked:  # new storage
+                nbytes = t.untyped_storage().nbytes()
+                self.tracked.add(id(t))
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self.forget, id(t), nbytes)
+        return out
 
 
-def build_pipeline(device: str):
-    """The x4 upscaler's UNet, VAE and schedulers from the shipped configs, random weights; no text encoder."""
-    from stablepipe import (
-        AutoencoderKL,
-        DDIMScheduler,
-        DDPMScheduler,
-        StableDiffusionUpscalePipeline,
-        UNet2DConditionModel,
-    )
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """The memory-efficient attention kernel (no N x N matrix), as torch runs float32 attention on CPU and CUDA;
+    on the meta device plain `scaled_dot_product_attention` would count the math fallback's full matrix."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)[0]
+
+
+def build_models(device: str):
+    from stablepipe import AutoencoderKL, UNet2DConditionModel
     from stablepipe.loading.model_detection import type_config
 
     parts = type_config("sd-x4-upscaler")["components"]
-    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**parts["unet"]["config"]).eval()
+        vae = AutoencoderKL(**parts["vae"]["config"]).eval()
+    return unet, vae, parts
+
+
+def measure_meta(size: int, tile: int | None, overlap: int | None) -> dict:
+    """Peak live activation memory (MiB) of one guided UNet step and of the decode, for a size x size input."""
+    from stablepipe.pipelines.upscale import TiledUNet, TileSpec, vae_tiling
+
+    unet, vae, _ = build_models("meta")
+    torch.nn.functional.scaled_dot_product_attention = flash_attention  # this process only measures
+    spec = TileSpec(tile, overlap) if tile else None
+    network = TiledUNet(unet, spec) if spec else unet
+    sample = torch.zeros(2, 7, size, size, device="meta")  # (uncond, cond) x (4 latent + 3 image channels)
+    context, labels = torch.zeros(2, 77, 1024, device="meta"), torch.zeros(2, dtype=torch.long, device="meta")
+    with torch.no_grad(), LiveTensorBytes() as step:
+        network(sample, 500, encoder_hidden_states=context, class_labels=labels, return_dict=False)
+    with torch.no_grad(), vae_tiling(vae, spec), LiveTensorBytes() as decode:
+        vae.decode(torch.zeros(1, 4, size, size, device="meta"))
+    return {"unet": step.peak / MIB, "decode": decode.peak / MIB}
+
+
+def measure_cuda(size: int, tile: int | None, overlap: int | None) -> dict:
+    """The whole pipeline, one step, for real on the GPU: peak allocated memory above the loaded models (MiB)."""
+    from stablepipe import DDIMScheduler, DDPMScheduler, StableDiffusionUpscalePipeline
+
+    unet, vae, parts = build_models("cpu")
     pipe = StableDiffusionUpscalePipeline(
-        vae=AutoencoderKL(**parts["vae"]["config"]).eval(), text_encoder=None, tokenizer=None,
-        unet=UNet2DConditionModel(**parts["unet"]["config"]).eval(),
+        vae=vae, text_encoder=None, tokenizer=None, unet=unet,
         low_res_scheduler=DDPMScheduler(**parts["low_res_scheduler"]["config"]),
         scheduler=DDIMScheduler(**parts["scheduler"]["config"]),
-    )
+    ).to("cuda")
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
-
-
-def measure(size: int, tile: int | None, overlap: int | None, steps: int, device: str) -> dict:
-    """One upscale of a size x size image; returns the peak memory above the built models, in MiB, and seconds."""
-    pipe = build_pipeline(device)
-    g = torch.Generator().manual_seed(0)
-    image = torch.rand(1, 3, size, size, generator=g)
-    embeds = torch.randn(2, 1, 77, 1024, generator=g).to(device)
-    call = dict(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], generator=g, output_type="pt")
-    with torch.no_grad():  # warm-up on a small image: one-time caches (oneDNN weight layouts) are not counted
-        pipe(image=image[:, :, :32, :32], num_inference_steps=1, **call)
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        baseline = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current resident size
-        baseline = rss_kib("VmRSS") * 1024
-    start = time.perf_counter()
+    embeds = torch.randn(2, 1, 77, 1024, device="cuda")
+    image = torch.rand(1, 3, size, size)
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
     with torch.no_grad():
-        out = pipe(image=image, num_inference_steps=steps, tile_size=tile, tile_overlap=overlap, **call).images
-    seconds = time.perf_counter() - start
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = rss_kib("VmHWM") * 1024
-    return {"size": size, "output": tuple(out.shape[-2:]), "tile": tile, "overlap": overlap,
-            "peak_mib": round((peak - baseline) / 2**20), "seconds": round(seconds, 1)}  # fmt: skip
-
-
-def run_in_child(args: argparse.Namespace, size: int, tile: int | None) -> dict:
-    command = [sys.executable, __file__, "--worker", "--sizes", str(size), "--steps", str(args.steps),
-               "--device", args.device, "--threads", str(args.threads)]  # fmt: skip
-    if tile is not None:
-        command += ["--tile", str(tile), "--overlap", str(args.overlap)]
-    # a fixed mmap threshold makes glibc return every freed tensor to the system at once, so that resident memory
-    # follows the live tensors (with its default, freed heap memory stays resident and is reused unseen)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        pipe(image=image, prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], num_inference_steps=1,
+             tile_size=tile, tile_overlap=overlap, output_type="pt")  # fmt: skip
+    return {"pipeline": (torch.cuda.max_memory_allocated() - baseline) / MIB}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[128], help="low-res input sides in pixels")
-    parser.add_argument("--tile", type=int, default=64, help="tile side in low-res pixels (0: untiled only)")
-    parser.add_argument("--overlap", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=1, help="denoising steps (memory does not depend on them)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 256, 512], help="low-res input sides (px)")
+    parser.add_argument("--tile", type=int, default=128, help="tile side in low-res pixels")
+    parser.add_argument("--overlap", type=int, default=32)
+    parser.add_argument("--device", default="meta", choices=["meta", "cuda"])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    if args.worker:
-        tile = args.tile or None
-        print(json.dumps(measure(args.sizes[0], tile, args.overlap if tile else None, args.steps, args.device)))
-        return
-    print(f"x4 upscaler, real architecture, random weights, {args.device}, guidance on, {args.steps} step(s)")
-    print("| input | output | mode | peak above models (MiB) | seconds |\n|---|---|---|---|---|")
+    measure = measure_meta if args.device == "meta" else measure_cuda
+    print(f"x4 upscaler, real architecture, float32, guidance on; peak MiB above the weights ({args.device})")
+    print("| input | output | mode | " + (" | ".join(["UNet step", "VAE decode"]) if args.device == "meta"
+                                          else "pipeline") + " |")  # fmt: skip
     for size in args.sizes:
-        for tile in [None] + ([args.tile] if args.tile else []):
-            r = run_in_child(args, size, tile)
-            mode = "untiled" if tile is None else f"tiles {tile} px, overlap {args.overlap}"
-            print(f"| {size}x{size} | {r['output'][1]}x{r['output'][0]} | {mode} | {r['peak_mib']} | {r['seconds']} |",
-                  flush=True)  # fmt: skip
+        for tile in (None, args.tile):
+            r = measure(size, tile, args.overlap if tile else None)
+            mode = "untiled" if tile is None else f"tile_size={tile}, tile_overlap={args.overlap}"
+            cells = " | ".join(f"{v:,.0f}" for v in r.values())
+            print(f"| {size}x{size} | {4 * size}x{4 * size} | {mode} | {cells} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,7 @@ def benchmark_scenes(count: int = 32) -> list[Scene]:
     scenes = []
     for i in range(count):
         colour = colours[i % len(colours)]
-        background = [b for b in backgrounds if b != colour][(i // 2) % 3]
+        options = [b for b in backgrounds if b != colour]
+        background = options[(i // len(colours)) % len(options)]
         scenes.append(Scene(colour, SHAPES[i % 3], POSITIONS[i % 4], background, sizes[(i // 4) % 2]))
     return scenes

@@ -35,7 +35,7 @@ VAE_CONFIG = dict(
 )
 UNET_CONFIG = dict(
     sample_size=shapes_data.SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
-    block_out_channels=(16, 32, 64), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
+    block_out_channels=(16, 48, 96), down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2,
     up_block_types=("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",), cross_attention_dim=64, attention_head_dim=4,
     norm_num_groups=8,
 )
@@ -108,6 +108,8 @@ def train_vae(vae, images: np.ndarray, *, steps: int, batch: int, lr: float, see
         recon = vae.decode(z).sample  # (B, 3, H, W)
         kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).mean()
         loss = F.mse_loss(recon, x) + 1e-4 * kl
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))  # cosine decay
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -119,7 +121,8 @@ def train_vae(vae, images: np.ndarray, *, steps: int, batch: int, lr: float, see
 @torch.no_grad()
 def encode_all(vae, images: np.ndarray, *, batch: int = 256) -> torch.Tensor:
     """The posterior means of all pictures, (N, 4, h, w), unscaled."""
-    return torch.cat([vae.encode(to_unit(images[i : i + batch])).latent_dist.mean for i in range(0, len(images), batch)])
+    chunks = [to_unit(images[i : i + batch]) for i in range(0, len(images), batch)]
+    return torch.cat([vae.encode(chunk).latent_dist.mean for chunk in chunks])
 
 
 # ---- stage 3: the UNet and the text encoder --------------------------------------------------------------------
@@ -150,9 +153,12 @@ def diffusion_loss(unet, text_encoder, latents, ids, acp, gen) -> torch.Tensor:
     return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
-def train_unet(unet, text_encoder, latents, ids, empty_ids, *, steps, batch, lr, seed, out, save_every, log, save):
+def train_unet(
+    unet, text_encoder, latents, ids, empty_ids, *, steps, batch, lr, seed, out, save_every, log, save, train_text
+):
     gen = torch.Generator().manual_seed(seed)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(train_text)
+    params = list(unet.parameters()) + (list(text_encoder.parameters()) if train_text else [])
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
     acp, start, running = alphas_cumprod(), time.time(), None
@@ -203,13 +209,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder for the final model")
     parser.add_argument("--work", type=Path, default=Path("training/runs/demo"), help="checkpoints and logs")
     parser.add_argument("--images", type=int, default=12000)
-    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--vae-steps", type=int, default=1200)
     parser.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--save-every", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--save-every", type=int, default=250)
+    parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -239,7 +246,7 @@ def main(argv=None) -> None:
 
     ema_unet, ema_text = train_unet(
         unet, text_encoder, latents, ids, empty, steps=args.steps, batch=args.batch, lr=args.lr,
-        seed=args.seed, out=args.work, save_every=args.save_every, log=log, save=save,
+        seed=args.seed, out=args.work, save_every=args.save_every, log=log, save=save, train_text=not args.freeze_text,
     )
     save(ema_unet, ema_text, args.out)
 

@@ -1,8 +1,13 @@
-"""The built-in tiny model: a full SD 1.x-shaped pipeline that works offline, for demos and tests.
+"""The built-in models, so that every command runs on a fresh machine with no downloads.
 
-Its weights are random for now (the picture is noise); it exists so that every command runs on a fresh
-machine with no downloads. It is built deterministically from a seed and saved in diffusers' layout, so
-it exercises the same loading code as a real checkpoint.
+- The demo model (`demo_model/` in the package, float16 weights, a few MB), where the package ships one: trained
+  by `training/train_demo.py` on 32 x 32 pictures of one flat shape on a flat background, captioned like
+  "a small red circle on a gray background, top left". `builtin_model_path()` (what `stablepipe generate` and
+  `stablepipe ui` use when no model is given) returns it, unpacked to float32 in the cache.
+- The tiny random model (`random_model_path()`, and `builtin_model_path()` where no demo model is shipped): built
+  deterministically from a seed, SD 1.x-shaped with random weights (the picture is noise), for tests that need
+  a model of that shape.
+Both are in diffusers' layout, so they exercise the same loading code as a real checkpoint.
 """
 
 from __future__ import annotations
@@ -14,11 +19,15 @@ from pathlib import Path
 
 import torch
 
-BUILTIN_NAME = "builtin-tiny-v2"
+BUILTIN_NAME = "builtin-tiny-v2"  # the tiny random model's folder in the cache
+DEMO_NAME = "builtin-demo-shapes-v1"  # the demo model's unpacked folder in the cache: bump when retrained
+DEMO_MODEL = Path(__file__).parent / "demo_model"
+DEMO_PROMPT = "a large red circle on a gray background, top left"  # a caption the demo model was trained on
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("STABLEPIPE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "stablepipe")
+    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    base = os.environ.get("STABLEPIPE_CACHE") or Path(xdg, "stablepipe")
     return Path(base)
 
 
@@ -89,12 +98,37 @@ def build_builtin_pipeline(folder: str | os.PathLike, *, seed: int = 0) -> Path:
     return pipe.save_pretrained(folder)
 
 
+def random_model_path() -> Path:
+    """The tiny random model's folder, built on first use in the stablepipe cache."""
+    return cached_build(BUILTIN_NAME, build_builtin_pipeline)
+
+
 def builtin_model_path() -> Path:
-    """The built-in model's folder, built on first use in the stablepipe cache."""
-    folder = cache_dir() / BUILTIN_NAME
+    """The model to use when none is given: the trained demo model, or the tiny random one where the package was
+    installed without the demo weights."""
+    if not (DEMO_MODEL / "model_index.json").is_file():
+        return random_model_path()
+    return cached_build(DEMO_NAME, unpack_demo_model)
+
+
+def unpack_demo_model(folder: str | os.PathLike) -> Path:
+    """Copy the shipped demo model to `folder` with its float16 weights stored as float32, so it loads in float32
+    (the default everywhere) with no dtype argument."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(DEMO_MODEL, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    for path in Path(folder).glob("*/*.safetensors"):
+        save_file({k: v.float() for k, v in load_file(path).items()}, path, metadata={"format": "pt"})
+    return Path(folder)
+
+
+def cached_build(name: str, build) -> Path:
+    """`cache_dir() / name`, made by `build(folder)` on first use (atomically, safe against concurrent builds)."""
+    folder = cache_dir() / name
     if not (folder / "model_index.json").is_file():
         staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build_builtin_pipeline(staging)
+        shutil.rmtree(staging, ignore_errors=True)
+        build(staging)
         try:
             staging.rename(folder)
         except OSError:  # another process built it first

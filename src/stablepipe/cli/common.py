@@ -24,7 +24,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--variant", help="weight variant to load, e.g. fp16")
     group.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
-    group.add_argument("--dtype", default="auto", choices=DTYPES, help="weights' dtype (default: float32 on CPU, float16 on CUDA)")
+    group.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="auto: on CPU bfloat16 where native (else float32) and channels-last; float16 on CUDA")
     group.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
 
 
@@ -112,8 +113,10 @@ def pick_device_and_dtype(device: str, dtype: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if dtype == "auto":
-        dtype = "float16" if device.startswith("cuda") else "float32"
+    if dtype == "auto":  # bfloat16 on CPUs with native bfloat16, float16 on CUDA (pipelines/memory.py)
+        from stablepipe.pipelines.memory import fast_dtype
+
+        return torch.device(device), fast_dtype(device)
     return torch.device(device), getattr(torch, dtype)
 
 
@@ -138,7 +141,10 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
 
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=args.quiet or args.json)
-    return pipe.to(device)
+    pipe.to(device)
+    if args.dtype == "auto" and device.type == "cpu":
+        pipe.enable_channels_last()  # the CPU fast path with the fast dtype (benchmarks/RESULTS.md)
+    return pipe
 
 
 def seeds_for(args: argparse.Namespace) -> list[int]:

@@ -4,6 +4,11 @@ Multi-head scaled dot-product attention is eq. (1) and sec. 3.2.2 of Vaswani et 
 block (self-attention, cross-attention on the text, GEGLU feed-forward, each pre-normed and residual) is the
 `SpatialTransformer` of latent diffusion (Rombach et al. 2022, appendix). Attention runs through
 `torch.nn.functional.scaled_dot_product_attention`. Module names are diffusers' state-dict names.
+
+Two options change how attention runs, never what it computes: attention slicing (`set_attention_slice`: the
+batch x heads are processed a few at a time) and fused projections (`fuse_qkv_projections`: one matrix
+multiply for q, k and v, whose weights become views into one fused weight, so fusing costs no memory).
+Feature maps may be channels-last (`model.to(memory_format=torch.channels_last)`); the layers keep the format.
 """
 
 from __future__ import annotations
@@ -14,19 +19,66 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# ---- attention as a function ------------------------------------------------------------------------------
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: int, upcast: bool = False) -> torch.Tensor:
+
+def split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, N, heads*d) -> (B, heads, N, d), made contiguous: the CPU flash kernel runs faster on it."""
+    b, n, width = t.shape
+    return t.view(b, n, heads, width // heads).transpose(1, 2).contiguous()  # (B, h, N, d)
+
+
+def merge_heads(t: torch.Tensor) -> torch.Tensor:
+    """(B, heads, N, d) -> (B, N, heads*d)."""
+    b, h, n, d = t.shape
+    return t.transpose(1, 2).reshape(b, n, h * d)
+
+
+def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slice_size: int) -> torch.Tensor:
+    """Attention over the (batch x heads) rows `slice_size` at a time, as diffusers' sliced processor: (B, h, N, d).
+
+    Every slice is an exact sub-problem, so the result is that of one call; only the working set shrinks."""
+    b, h, n, d = q.shape
+    q, k, v = (t.reshape(b * h, t.shape[2], d) for t in (q, k, v))  # (B*h, N, d), (B*h, M, d) x2
+    out = torch.empty_like(q)  # (B*h, N, d)
+    for start in range(0, b * h, slice_size):
+        rows = slice(start, start + slice_size)
+        out[rows] = F.scaled_dot_product_attention(q[rows], k[rows], v[rows])
+    return out.view(b, h, n, d)
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    heads: int,
+    upcast: bool = False,
+    slice_size: int | None = None,
+) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v over `heads` heads: (B, N, heads*d), (B, M, heads*d) x2 -> (B, N, heads*d).
 
     With `upcast`, half-precision inputs are computed in float32: SD 2.1 overflows where scores are computed in
     float16 (torch's fused kernels accumulate in float32 already, so on them this costs time, not accuracy).
+    `slice_size` runs that many (batch x head) rows at a time (see `sliced_attention`).
     """
-    batch, dtype = q.shape[0], q.dtype
-    q, k, v = (t.view(batch, -1, heads, t.shape[-1] // heads).transpose(1, 2) for t in (q, k, v))  # (B, h, N, d)
+    dtype = q.dtype
+    q, k, v = (split_heads(t, heads) for t in (q, k, v))  # (B, h, N, d), (B, h, M, d) x2
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
-    return out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(dtype)  # (B, N, h*d)
+    if slice_size is None or slice_size >= q.shape[0] * heads:
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+    else:
+        out = sliced_attention(q, k, v, slice_size)
+    return merge_heads(out).to(dtype)  # (B, N, h*d)
+
+
+# ---- the attention module -----------------------------------------------------------------------------------
+
+
+def _has_hooks(*layers: nn.Module) -> bool:
+    """Whether any layer runs hooks (LoRA adapters, sequential offload): those need the layer itself called."""
+    return any(layer._forward_hooks or layer._forward_pre_hooks for layer in layers)
 
 
 class Attention(nn.Module):
@@ -46,15 +98,167 @@ class Attention(nn.Module):
         inner_dim = heads * dim_head
         self.heads = heads
         self.upcast_attention = upcast_attention
+        self.is_cross_attention = cross_attention_dim is not None
+        self.slice_size: int | None = None
+        self.fused_projections = False
+        self._fused: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (weight, bias) the projections view
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(0.0)])
+        self._register_state_dict_hook(_unshare_fused_weights)
+
+    @property
+    def sliceable_head_dim(self) -> int:
+        """How many heads a slice can hold at most (diffusers' name)."""
+        return self.heads
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute attention `slice_size` (batch x head) rows at a time; None: all at once."""
+        if slice_size is not None and not (isinstance(slice_size, int) and 1 <= slice_size <= self.heads):
+            raise ValueError(f"slice_size must be None or an int in [1, {self.heads}] (heads), got {slice_size!r}")
+        self.slice_size = slice_size
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context  # (B, M, C_ctx)
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, inner), (B, M, inner) x2
-        return self.to_out[0](attention(q, k, v, heads=self.heads, upcast=self.upcast_attention))  # (B, N, C)
+        q, k, v = self.project(x, context)  # (B, N, inner), (B, M, inner) x2
+        out = attention(q, k, v, heads=self.heads, upcast=self.upcast_attention, slice_size=self.slice_size)
+        return self.to_out[0](out)  # (B, N, C)
+
+    def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """q, k, v: three projections, or one (two for cross-attention) when fused."""
+        fused = self.fused_weight() if self.fused_projections and not _has_hooks(*self.fused_layers()) else None
+        if fused is None:
+            return self.to_q(x), self.to_k(context), self.to_v(context)
+        weight, bias = fused
+        if self.is_cross_attention:
+            return (self.to_q(x), *F.linear(context, weight, bias).chunk(2, dim=-1))  # (B, M, inner) x2
+        return F.linear(x, weight, bias).chunk(3, dim=-1)  # (B, N, inner) x3
+
+    # -- fused projections ---------------------------------------------------------------------------------------
+
+    def fused_layers(self) -> tuple[nn.Linear, ...]:
+        """What fusing joins: q, k, v for self-attention; k, v for cross-attention (their input is the text)."""
+        return (self.to_k, self.to_v) if self.is_cross_attention else (self.to_q, self.to_k, self.to_v)
+
+    def fuse_projections(self) -> None:
+        """Join the projections' weights into one matrix; each projection's weight becomes a view of it."""
+        layers = self.fused_layers()
+        weight = torch.cat([layer.weight.detach() for layer in layers])  # (n * inner, C_in)
+        has_bias = layers[0].bias is not None
+        bias = torch.cat([layer.bias.detach() for layer in layers]) if has_bias else None  # (n * inner,)
+        rows = 0
+        for layer in layers:
+            n = layer.weight.shape[0]
+            layer.weight = nn.Parameter(weight[rows : rows + n], requires_grad=layer.weight.requires_grad)
+            if has_bias:
+                layer.bias = nn.Parameter(bias[rows : rows + n], requires_grad=layer.bias.requires_grad)
+            rows += n
+        self._fused = (weight, bias)
+        self.fused_projections = True
+
+    def unfuse_projections(self) -> None:
+        """Back to separate projections (each keeps its own copy of its weights)."""
+        if self.fused_projections:
+            for layer in self.fused_layers():
+                layer.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+                if layer.bias is not None:
+                    layer.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
+        self._fused = None
+        self.fused_projections = False
+
+    def fused_weight(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """The fused (weight, bias), fused again first if a weight stopped being a view of it (weights were
+        moved, cast or replaced): the projections' own weights are always the truth. Inside torch.compile the
+        check is skipped (it would break the graph; compiled code assumes fixed weights anyway)."""
+        if torch.compiler.is_compiling():
+            return self._fused
+        layers = self.fused_layers()
+        if self._fused is None or not _views_of(self._fused[0], [layer.weight for layer in layers]):
+            self.fuse_projections()
+        return self._fused
+
+    def _apply(self, fn, recurse: bool = True):
+        self._fused = None  # moving or casting converts each projection; fuse again (no stale copy is kept)
+        super()._apply(fn, recurse)
+        if self.fused_projections:
+            self.fuse_projections()
+        return self
+
+
+def _views_of(fused: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Whether `weights` are the consecutive row blocks of `fused`, in order."""
+    rows = 0
+    for weight in weights:
+        if weight.device != fused.device or weight.data_ptr() != fused[rows:].data_ptr():
+            return False
+        rows += weight.shape[0]
+    return rows == fused.shape[0] and weights[0].dtype == fused.dtype
+
+
+def _unshare_fused_weights(module: Attention, state: dict, prefix: str, local_metadata) -> None:
+    """State dicts of a fused module hold copies: saved files must not see one tensor under three names."""
+    if module.fused_projections:
+        for name in ("to_q", "to_k", "to_v"):
+            for kind in ("weight", "bias"):
+                key = f"{prefix}{name}.{kind}"
+                if key in state and state[key] is not None:
+                    state[key] = state[key].clone()
+
+
+# ---- model-level options (diffusers' method names) -----------------------------------------------------------
+
+
+def attention_modules(model: nn.Module) -> list[Attention]:
+    return [m for m in model.modules() if isinstance(m, Attention)]
+
+
+def resolve_slice_sizes(slice_size: str | int | list | None, head_counts: list[int]) -> list[int | None]:
+    """diffusers' `set_attention_slice` argument, one entry per attention layer: "auto" halves the heads, "max"
+    is one head at a time, an int is used for every layer, a list gives one per layer, None turns slicing off."""
+    if slice_size == "auto":
+        sizes = [max(1, h // 2) for h in head_counts]
+    elif slice_size == "max":
+        sizes = [1] * len(head_counts)
+    elif isinstance(slice_size, (list, tuple)):
+        sizes = list(slice_size)
+    elif slice_size is None or isinstance(slice_size, int):
+        sizes = [slice_size] * len(head_counts)
+    else:
+        raise ValueError(f'slice_size must be "auto", "max", an int, a list of ints or None; got {slice_size!r}')
+    if len(sizes) != len(head_counts):
+        raise ValueError(f"got {len(sizes)} slice sizes for {len(head_counts)} attention layers; give one per layer")
+    for size, heads in zip(sizes, head_counts):
+        if size is not None and (not isinstance(size, int) or not 1 <= size <= heads):
+            raise ValueError(f"slice size {size!r} must be an int in [1, {heads}] (the layer's heads) or None")
+    return sizes
+
+
+class AttentionSlicingMixin:
+    """`set_attention_slice` for models with attention layers (diffusers' UNet method)."""
+
+    def set_attention_slice(self, slice_size: str | int | list[int] | None = "auto") -> None:
+        """Compute attention a few (batch x head) rows at a time: "auto" (half the heads), "max" (one), an int,
+        one int per attention layer, or None (off). The output is unchanged; only the working set shrinks."""
+        layers = attention_modules(self)
+        for layer, size in zip(layers, resolve_slice_sizes(slice_size, [m.sliceable_head_dim for m in layers])):
+            layer.set_attention_slice(size)
+
+
+class FusedProjectionsMixin:
+    """`fuse_qkv_projections` / `unfuse_qkv_projections` (diffusers' model methods)."""
+
+    def fuse_qkv_projections(self) -> None:
+        """One matrix multiply for q, k, v in self-attention (k, v in cross-attention); same results."""
+        for layer in attention_modules(self):
+            layer.fuse_projections()
+
+    def unfuse_qkv_projections(self) -> None:
+        for layer in attention_modules(self):
+            layer.unfuse_projections()
+
+
+# ---- the UNet's transformer -----------------------------------------------------------------------------------
 
 
 class SpatialSelfAttention(Attention):
@@ -80,7 +284,7 @@ class GEGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
-        return x * F.gelu(gate)
+        return F.gelu(gate).mul_(x)  # the product written into gelu's fresh output
 
 
 class FeedForward(nn.Module):
@@ -126,9 +330,16 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None) + x  # (B, N, dim)
-        x = self.attn2(self.norm2(x), context) + x
-        return self.ff(self.norm3(x)) + x
+        # each sub-layer's output is fresh, so the residual is added into it in place
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None).add_(x)  # (B, N, dim)
+        x = self.attn2(self.norm2(x), context).add_(x)
+        return self.ff(self.norm3(x)).add_(x)
+
+
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """channels_last for an NHWC-strided feature map, else the default (NCHW) format."""
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 class Transformer2DModel(nn.Module):
@@ -169,18 +380,22 @@ class Transformer2DModel(nn.Module):
         tokens, (h, w) = self.tokens_in(self.norm(x)), x.shape[-2:]  # (B, HW, inner)
         for block in self.transformer_blocks:
             tokens = block(tokens, context)
-        return self.tokens_out(tokens, h, w) + x  # (B, C, H, W)
+        return self.tokens_out(tokens, h, w, memory_format_of(x)).add_(x)  # (B, C, H, W)
 
     def tokens_in(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) -> (B, HW, inner), projecting before flattening (conv) or after (linear)."""
+        """(B, C, H, W) -> (B, HW, inner), projecting before flattening (conv) or after (linear).
+        The flattening is free on a channels-last feature map."""
         if not self.use_linear_projection:
             x = self.proj_in(x)
         tokens = x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
         return self.proj_in(tokens) if self.use_linear_projection else tokens
 
-    def tokens_out(self, tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """(B, HW, inner) -> (B, C, H, W), the inverse of `tokens_in`."""
+    def tokens_out(self, tokens: torch.Tensor, h: int, w: int, memory_format: torch.memory_format) -> torch.Tensor:
+        """(B, HW, inner) -> (B, C, H, W) in `memory_format` (the input's), the inverse of `tokens_in`.
+        The result is always a fresh tensor (never a view of `tokens`' storage shared elsewhere)."""
         if self.use_linear_projection:
             tokens = self.proj_out(tokens)
-        x = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2).contiguous()
-        return x if self.use_linear_projection else self.proj_out(x)
+        x = tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]).permute(0, 3, 1, 2)  # NHWC-strided view
+        if self.use_linear_projection:
+            return x.contiguous(memory_format=memory_format)
+        return self.proj_out(x.contiguous(memory_format=memory_format))

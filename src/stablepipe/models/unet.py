@@ -17,7 +17,12 @@ from torch import nn
 
 from stablepipe.configuration import FrozenConfig, register_to_config
 from stablepipe.models import kblocks
-from stablepipe.models.attention import SpatialSelfAttention, Transformer2DModel
+from stablepipe.models.attention import (
+    AttentionSlicingMixin,
+    FusedProjectionsMixin,
+    SpatialSelfAttention,
+    Transformer2DModel,
+)
 from stablepipe.models.base import ModelMixin
 from stablepipe.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
@@ -440,7 +445,7 @@ class UNet2DConditionOutput:
     sample: torch.Tensor  # (B, out_channels, H, W): the predicted noise (or v, or x0)
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(AttentionSlicingMixin, FusedProjectionsMixin, ModelMixin):
     """The noise predictor eps(x_t, t, text) of latent diffusion, configured as diffusers' class of that name."""
 
     @register_to_config

@@ -20,6 +20,7 @@ from stablepipe.loading import components as component_loading
 from stablepipe.loading.files import fetch_file, is_local
 from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
+from stablepipe.pipelines.memory import MemoryOptionsMixin
 
 
 @dataclasses.dataclass
@@ -40,7 +41,7 @@ class StableDiffusionPipelineOutput:
 HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxies")
 
 
-class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
+class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOptionsMixin):
     """Holds the components (models, tokenizers, scheduler) named by `__init__`'s arguments."""
 
     _optional_components: tuple[str, ...] = ()
@@ -77,6 +78,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin):
 
     @property
     def device(self) -> torch.device:
+        if self._offload_device is not None:  # CPU offload (memory.py): where the models compute
+            return self._offload_device
         modules = self._modules()
         return modules[0].device if modules else torch.device("cpu")
 
