@@ -157,6 +157,11 @@ def test_vae_fused_projections(sd1_folder):
         expected = vae.decode(z).sample
         vae.fuse_qkv_projections()
         assert (vae.decode(z).sample - expected).abs().max() <= SAME
+        plain = AutoencoderKL.from_pretrained(sd1_folder / "vae").to(torch.float64)
+        vae.to(torch.float64)  # weights and biases (the VAE's projections have them) fused again after the cast
+        layer = next(m for m in vae.modules() if isinstance(m, Attention))
+        assert layer.to_v.bias.data_ptr() == layer.fused_weight()[1][2 * layer.to_q.bias.shape[0] :].data_ptr()
+        assert (vae.decode(z.double()).sample - plain.decode(z.double()).sample).abs().max() <= 1e-10
 
 
 # ---- VAE slicing and tiling ----------------------------------------------------------------------------------------

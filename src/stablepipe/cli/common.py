@@ -25,7 +25,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     group.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="auto: on CPU bfloat16 where native (else float32) and channels-last; float16 on CUDA")
+                       help="auto: bfloat16 + channels-last on CPUs with native bfloat16, else float32; CUDA: float16")
     group.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
 
 
@@ -124,6 +124,7 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     """The pipeline named by --model, or the built-in tiny one, on --device in --dtype."""
     from stablepipe.builtin import builtin_model_path
 
+    import torch
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
@@ -142,8 +143,8 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=args.quiet or args.json)
     pipe.to(device)
-    if args.dtype == "auto" and device.type == "cpu":
-        pipe.enable_channels_last()  # the CPU fast path with the fast dtype (benchmarks/RESULTS.md)
+    if args.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+        pipe.enable_channels_last()  # the CPU fast path (benchmarks/RESULTS.md: float32 gains less, costs memory)
     return pipe
 
 

@@ -174,7 +174,7 @@ class Attention(nn.Module):
         if torch.compiler.is_compiling():
             return self._fused
         layers = self.fused_layers()
-        if self._fused is None or not _views_of(self._fused[0], [layer.weight for layer in layers]):
+        if self._fused is None or not _views_of(self._fused, layers):
             self.fuse_projections()
         return self._fused
 
@@ -186,14 +186,21 @@ class Attention(nn.Module):
         return self
 
 
-def _views_of(fused: torch.Tensor, weights: list[torch.Tensor]) -> bool:
-    """Whether `weights` are the consecutive row blocks of `fused`, in order."""
-    rows = 0
-    for weight in weights:
-        if weight.device != fused.device or weight.data_ptr() != fused[rows:].data_ptr():
+def _views_of(fused: tuple[torch.Tensor, torch.Tensor | None], layers: tuple[nn.Linear, ...]) -> bool:
+    """Whether the layers' weights (and biases) are still the consecutive row blocks of the fused ones, in order."""
+    for whole, parts in zip(fused, ([m.weight for m in layers], [m.bias for m in layers])):
+        if whole is None:
+            continue
+        rows = 0
+        for part in parts:
+            if part is None or part.device != whole.device or part.dtype != whole.dtype:
+                return False
+            if part.data_ptr() != whole[rows:].data_ptr():
+                return False
+            rows += part.shape[0]
+        if rows != whole.shape[0]:
             return False
-        rows += weight.shape[0]
-    return rows == fused.shape[0] and weights[0].dtype == fused.dtype
+    return True
 
 
 def _unshare_fused_weights(module: Attention, state: dict, prefix: str, local_metadata) -> None:
