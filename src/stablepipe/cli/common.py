@@ -122,10 +122,10 @@ def pick_device_and_dtype(device: str, dtype: str):
 
 def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     """The pipeline named by --model, or the built-in tiny one, on --device in --dtype."""
-    from stablepipe.builtin import builtin_model_path
-
     import torch
     import transformers
+
+    from stablepipe.builtin import builtin_model_path
 
     transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
     model = args.model
@@ -135,7 +135,9 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     extra = {}
     if args.no_safety_checker and "safety_checker" in cls.component_names():  # SDXL has none
-        extra = {"safety_checker": None, "requires_safety_checker": False}
+        extra["safety_checker"] = None
+        if "requires_safety_checker" in cls._config_keys:  # depth2img and the upscalers have no such setting
+            extra["requires_safety_checker"] = False
     pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
     if args.scheduler:
         from stablepipe.schedulers.names import scheduler_from_name
