@@ -336,8 +336,8 @@ def test_cli_generate_with_sdxl_and_refiner(sdxl_folder, sdxl_refiner_folder, tm
     from stablepipe.cli import main
 
     out = tmp_path / "lion.png"
-    args = ["generate", "a lion", "--model", str(sdxl_folder), "--seed", "5", "--steps", "4", "--out", str(out),
-            "--quiet", "--no-safety-checker"]
+    args = ["generate", "a lion", "--model", str(sdxl_folder), "--dtype", "float32", "--seed", "5", "--steps", "4",
+            "--out", str(out), "--quiet", "--no-safety-checker"]
     assert main([*args, "--refiner", str(sdxl_refiner_folder), "--refiner-start", "0.75"]) == 0
     image = PIL.Image.open(out)
     settings = json.loads(image.text["stablepipe"])

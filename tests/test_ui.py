@@ -223,7 +223,7 @@ def server(cache, tmp_path_factory):
     env = {**os.environ, "STABLEPIPE_CACHE": str(cache[0]), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     log = (out / "server.log").open("w")
-    process = subprocess.Popen([exe, "ui", "--port", str(port), "--out", str(out)], env=env, stdout=log, stderr=log)
+    process = subprocess.Popen([exe, "ui", "--port", str(port), "--out", str(out), "--dtype", "float32"], env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     wait_until_serving(process, url, out / "server.log")
     yield url, out

@@ -123,7 +123,7 @@ def array_to_batch(array: np.ndarray | torch.Tensor, *, kind: str, latent_channe
         tensor = torch.from_numpy(np.array(array, order="C"))  # a copy: arrays from PIL are read-only
         tensor = tensor[..., None] if array.ndim == 2 or batch_of_masks else tensor  # (.., H, W, C)
         tensor = tensor[None] if tensor.ndim == 3 else tensor  # (B, H, W, C)
-        tensor = tensor.permute(0, 3, 1, 2)  # (B, C, H, W)
+        tensor = tensor.permute(0, 3, 1, 2).contiguous()  # (B, C, H, W), laid out as from PIL
     else:
         tensor = array[None, None] if array.ndim == 2 else array
         tensor = tensor.unsqueeze(1 if kind == "mask" else 0) if tensor.ndim == 3 else tensor  # (B, C, H, W)
