@@ -223,7 +223,8 @@ def server(cache, tmp_path_factory):
     env = {**os.environ, "STABLEPIPE_CACHE": str(cache[0]), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "GRADIO_ANALYTICS_ENABLED": "False", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     log = (out / "server.log").open("w")
-    process = subprocess.Popen([exe, "ui", "--port", str(port), "--out", str(out), "--dtype", "float32"], env=env, stdout=log, stderr=log)
+    command = [exe, "ui", "--port", str(port), "--out", str(out), "--dtype", "float32"]  # float32: exact comparisons
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     wait_until_serving(process, url, out / "server.log")
     yield url, out
@@ -283,7 +284,7 @@ def fill_form(tab, *, prompt: str, steps: int, seed: int, size: int | None = Non
 
 def result_image(tab, out: Path, seed: int) -> PIL.Image.Image:
     """Wait for the gallery to show the image of `seed`; the PNG the server wrote for it."""
-    sync_api.expect(tab.locator(".result-info.prose")).to_contain_text(f"Seed: {seed}")
+    sync_api.expect(tab.locator(".result-info.prose")).to_contain_text(f"Seed: {seed}", timeout=180_000)
     tab.locator(".results img").first.wait_for()
     (path,) = [p for p in out.glob(f"*-{seed}.png")]
     return PIL.Image.open(path)
@@ -381,7 +382,7 @@ def test_one_generation_at_a_time_and_waiting_users_see_their_place(browser, ser
         page.goto(server[0], wait_until="domcontentloaded")
         sync_api.expect(page.get_by_text("Loaded: builtin")).to_be_visible()
         tabs.append(page.locator("#tab-txt2img"))
-        fill_form(tabs[-1], prompt="a queue", steps=60, seed=seed)
+        fill_form(tabs[-1], prompt="a queue", steps=150, seed=seed)  # long enough to queue behind
     for tab in tabs:
         tab.get_by_role("button", name="Generate").click()
     sync_api.expect(tabs[1].get_by_text("queue: 1/1").first).to_be_visible()  # waiting behind the first

@@ -5,9 +5,16 @@
 Three stages, all seeded (torch.manual_seed, numpy default_rng), on CPU:
 1. a VAE (AutoencoderKL, downscale factor 2, 4 latent channels) learns to reconstruct the pictures;
 2. the pictures are encoded once into latents, scaled to unit variance (the VAE's `scaling_factor`);
-3. a UNet2DConditionModel and a CLIP text encoder learn, jointly and from scratch, to predict the noise
-   (epsilon prediction, SD's scaled-linear betas), with 10 % of captions dropped for classifier-free guidance.
-The weights are saved in diffusers' layout in float16, with SD 1.x's PNDM scheduler config.
+3. a UNet2DConditionModel and a CLIP text encoder learn, jointly and from scratch, to predict v (Salimans & Ho
+   2022) on SD's scaled-linear betas rescaled to zero terminal SNR (Lin et al. 2024), with 10 % of captions
+   dropped for classifier-free guidance.
+The weights are saved in diffusers' layout in float16, with a DDIM scheduler config (trailing timesteps, zero
+terminal SNR, v-prediction) that every pipeline reads.
+
+Why zero terminal SNR: with SD's own schedule the last training step keeps sqrt(0.0047) = 7 % of the picture, and a
+shape filling a quadrant of a 16 x 16 latent is still visible through that noise, so a model learns to take the
+shape's place from the noise instead of from the caption; sampling starts from pure noise, so the position comes
+out at random (measured: position right in 19-31 % of samples after 4000 steps with epsilon prediction).
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
                    max_position_embeddings=MAX_TOKENS, projection_dim=64)
 SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-    skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
 )
 
 
@@ -129,10 +136,10 @@ def encode_all(vae, images: np.ndarray, *, batch: int = 256) -> torch.Tensor:
 
 
 def alphas_cumprod() -> torch.Tensor:
-    """SD's scaled-linear betas: sqrt(beta) linear from sqrt(beta_start) to sqrt(beta_end) (Rombach 2022)."""
-    c = SCHEDULER_CONFIG
-    betas = torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, c["num_train_timesteps"]) ** 2
-    return torch.cumprod(1 - betas, dim=0)
+    """The scheduler's own ᾱ: SD's scaled-linear betas rescaled to zero terminal SNR (ᾱ_T = 0)."""
+    from stablepipe.schedulers import DDIMScheduler
+
+    return DDIMScheduler(**SCHEDULER_CONFIG).alphas_cumprod
 
 
 def ema_update(ema, model, decay: float) -> None:
@@ -142,15 +149,17 @@ def ema_update(ema, model, decay: float) -> None:
 
 
 def diffusion_loss(unet, text_encoder, latents, ids, acp, gen) -> torch.Tensor:
-    """Epsilon-prediction MSE (Ho 2020, Eq. 14) with min-SNR-5 weights (Hang 2023, Eq. 10 for epsilon)."""
+    """v-prediction MSE (Salimans & Ho 2022, v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x₀), i.e. x₀ errors weighted by SNR + 1,
+    capped at 6 as min-SNR-5 does (Hang 2023) so that nearly clean steps do not dominate; weight 1 at pure noise."""
     t = torch.randint(len(acp), (latents.shape[0],), generator=gen)  # (B,)
     noise = torch.randn(latents.shape, generator=gen)  # (B, 4, h, w)
     a = acp[t].view(-1, 1, 1, 1)
     noisy = a.sqrt() * latents + (1 - a).sqrt() * noise  # (B, 4, h, w), Ho 2020 Eq. 4
+    target = a.sqrt() * noise - (1 - a).sqrt() * latents
     pred = unet(noisy, t, text_encoder(ids)[0]).sample  # (B, 4, h, w)
-    snr = acp[t] / (1 - acp[t])
-    weight = snr.clamp(max=5.0) / snr  # (B,)
-    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    snr_plus_one = 1 / (1 - acp[t])
+    weight = snr_plus_one.clamp(max=6.0) / snr_plus_one  # (B,)
+    return (weight * ((pred - target) ** 2).mean(dim=(1, 2, 3))).mean()
 
 
 def train_unet(
@@ -192,10 +201,10 @@ def save_pipeline(vae, unet, text_encoder, tokenizer, folder: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
-    from stablepipe.schedulers import PNDMScheduler
+    from stablepipe.schedulers import DDIMScheduler
 
     pipe = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=PNDMScheduler(**SCHEDULER_CONFIG),
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(folder)

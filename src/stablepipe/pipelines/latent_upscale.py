@@ -25,8 +25,15 @@ NOISE_LEVEL_FEATURES = 64  # [cos, sin] features of the conditioning image's noi
 # ---- text -----------------------------------------------------------------------------------------------------
 
 
-def hidden_and_pooled(text_encoder, prompts: list[str], tokenizer, *, device: torch.device):
-    """The text encoder's last hidden layer, before its final layer norm (B, 77, D), and its pooled output (B, D)."""
+def hidden_and_pooled(text_encoder, prompts: list[str], tokenizer, *, device: torch.device, chunks: int | None = None):
+    """The text encoder's last hidden layer, before its final layer norm (B, 77, D), and its pooled output (B, D).
+
+    With `chunks`, the prompts are read in AUTOMATIC1111's syntax and encoded in at least that many 77-token
+    chunks (B, 77 * chunks, D); the pooled output is the first chunk's (see prompt_weighting.py)."""
+    if chunks is not None:
+        from stablepipe.pipelines.prompt_weighting import encode_weighted
+
+        return encode_weighted(tokenizer, text_encoder, prompts, device=device, layer=-1, min_chunks=chunks)
     ids = stages.tokenize(tokenizer, prompts).input_ids.to(device)
     out = text_encoder(ids, output_hidden_states=True)
     return out.hidden_states[-1], out.pooler_output
@@ -44,22 +51,34 @@ def encode_prompt_pooled(
     negative_prompt_embeds: torch.Tensor | None = None,
     pooled_prompt_embeds: torch.Tensor | None = None,
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
+    prompt_weighting: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as the latent upscaler was trained:
-    per-token states (B, 77, D) and the pooled (end-of-text) state (B, D); negatives only with guidance."""
+    per-token states (B, 77, D) and the pooled (end-of-text) state (B, D); negatives only with guidance.
+    `prompt_weighting=True`: AUTOMATIC1111's syntax and long prompts, (B, 77 * chunks, D) for both."""
     batch_size = stages.prompt_batch_size(prompt, prompt_embeds)
     stages.check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds)
     check_pooled(prompt_embeds, pooled_prompt_embeds, "")
     check_pooled(negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
-    if prompt_embeds is None:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        prompt_embeds, pooled_prompt_embeds = hidden_and_pooled(text_encoder, prompts, tokenizer, device=device)
+    prompts = None if prompt_embeds is not None else [prompt] if isinstance(prompt, str) else prompt
+    negatives = None
+    if do_classifier_free_guidance and negative_prompt_embeds is None:
+        negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
+    chunks = None
+    if prompt_weighting:
+        from stablepipe.pipelines.prompt_weighting import chunk_count
+
+        texts = [*(prompts or []), *(negatives or [])]
+        chunks = chunk_count(tokenizer, texts) if prompts is not None else prompt_embeds.shape[1] // 77
+    if prompts is not None:
+        prompt_embeds, pooled_prompt_embeds = hidden_and_pooled(
+            text_encoder, prompts, tokenizer, device=device, chunks=chunks
+        )
     if not do_classifier_free_guidance:
         return prompt_embeds, None, pooled_prompt_embeds, None
-    if negative_prompt_embeds is None:
-        negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
+    if negatives is not None:
         negative_prompt_embeds, negative_pooled_prompt_embeds = hidden_and_pooled(
-            text_encoder, negatives, tokenizer, device=device
+            text_encoder, negatives, tokenizer, device=device, chunks=chunks
         )
     if negative_prompt_embeds.shape != prompt_embeds.shape:
         raise ValueError(
@@ -236,6 +255,7 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
             do_classifier_free_guidance=self.do_classifier_free_guidance, negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            prompt_weighting=self.prompt_weighting,
         )
         cond = stages.Conditioning(embeds, negative)
         # 3. The low-res latents (B_img, 4, h, w): given, or encoded from the image

@@ -134,7 +134,7 @@ class StableDiffusionXLBase(StableDiffusionBase):
             negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
             prompt_embeds=given[0], negative_prompt_embeds=given[1], pooled_prompt_embeds=given[2],
             negative_pooled_prompt_embeds=given[3], clip_skip=clip_skip,
-            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt,
+            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, prompt_weighting=self.prompt_weighting,
         )
 
     def check_time_ids(self, pooled_prompt_embeds: torch.Tensor | None) -> None:

@@ -71,10 +71,21 @@ def check_prompts(
 
 
 def hidden_and_pooled(
-    tokenizer, text_encoder, prompts: list[str], *, layer: int, max_length: int | None = None
+    tokenizer, text_encoder, prompts: list[str], *, layer: int, max_length: int | None = None,
+    chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One encoder's hidden states from `layer` (B, L, D), with no final layer norm, and its pooled projection
-    (B, P) when it is a CLIPTextModelWithProjection (else None)."""
+    (B, P) when it is a CLIPTextModelWithProjection (else None).
+
+    With `chunks`, the prompts are read in AUTOMATIC1111's syntax and encoded in at least that many 77-token
+    chunks (L = 77 * chunks; see prompt_weighting.py); the pooled projection is the first chunk's."""
+    if chunks is not None:
+        from stablepipe.pipelines.prompt_weighting import encode_weighted
+
+        hidden, pooled = encode_weighted(
+            tokenizer, text_encoder, prompts, device=text_encoder.device, layer=layer, min_chunks=chunks
+        )
+        return hidden, pooled if hasattr(text_encoder, "text_projection") else None
     tokens = stages.tokenize(tokenizer, prompts, max_length=max_length)
     out = text_encoder(tokens.input_ids.to(text_encoder.device), output_hidden_states=True)
     pooled = out[0] if out[0].ndim == 2 else None  # text_embeds come first only with the projection head
@@ -82,7 +93,8 @@ def hidden_and_pooled(
 
 
 def encode_with_encoders(
-    encoders: Sequence[tuple], prompts: Sequence[list[str]], *, layer: int, max_length: int | None = None
+    encoders: Sequence[tuple], prompts: Sequence[list[str]], *, layer: int, max_length: int | None = None,
+    chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Each (tokenizer, text_encoder) pair encodes its list of prompts; hidden states are concatenated on the
     feature axis (B, L, D1 + D2); the pooled embedding is the first one an encoder gives (B, P).
@@ -90,7 +102,9 @@ def encode_with_encoders(
     With a single encoder (the refiner) only the first prompt list is used, as in diffusers."""
     states, pooled = [], None
     for (tokenizer, text_encoder), texts in zip(encoders, prompts):
-        hidden, own_pooled = hidden_and_pooled(tokenizer, text_encoder, texts, layer=layer, max_length=max_length)
+        hidden, own_pooled = hidden_and_pooled(
+            tokenizer, text_encoder, texts, layer=layer, max_length=max_length, chunks=chunks
+        )
         states.append(hidden)
         pooled = own_pooled if pooled is None else pooled
     return torch.cat(states, dim=-1), pooled
@@ -136,48 +150,75 @@ def encode_prompt(
     negative_pooled_prompt_embeds: torch.Tensor | None = None,
     clip_skip: int | None = None,
     force_zeros_for_empty_prompt: bool = True,
+    prompt_weighting: bool = False,
 ) -> PromptEmbeds:
     """SDXL's prompt embeddings from `encoders` = [(tokenizer, text_encoder), (tokenizer_2, text_encoder_2)].
 
     `prompt_2` goes to the second encoder (default: `prompt`); `clip_skip=k` takes the layer k before the
     penultimate. Without a negative prompt and with `force_zeros_for_empty_prompt`, the negatives are zeros.
+    `prompt_weighting=True` reads AUTOMATIC1111's `(word:1.3)` syntax and encodes long prompts in 77-token
+    chunks, each encoder on its own (as AUTOMATIC1111 does for SDXL), all prompts padded to one chunk count.
     """
     given = (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
     batch_size = check_prompts(prompt, prompt_2, negative_prompt, negative_prompt_2, given)
+    negatives = None  # the negative prompts to encode, per encoder
+    if do_classifier_free_guidance and negative_prompt_embeds is None:
+        negatives = negative_texts(negative_prompt, negative_prompt_2, batch_size, force_zeros_for_empty_prompt)
+    texts = None
     if prompt_embeds is None:
-        texts = as_prompt_list(prompt, batch_size, name="prompt")
-        texts_2 = as_prompt_list(prompt_2 or prompt, batch_size, name="prompt_2")
+        texts = [as_prompt_list(prompt, batch_size, name="prompt"),
+                 as_prompt_list(prompt_2 or prompt, batch_size, name="prompt_2")]
+    chunks = None
+    if prompt_weighting:
+        chunks = weighted_chunk_count(encoders, texts, negatives, prompt_embeds)
+    if texts is not None:
         layer = -2 if clip_skip is None else -(clip_skip + 2)  # SDXL counts from the penultimate layer
-        prompt_embeds, pooled = encode_with_encoders(encoders, [texts, texts_2], layer=layer)
+        prompt_embeds, pooled = encode_with_encoders(encoders, texts, layer=layer, chunks=chunks)
         pooled_prompt_embeds = pooled if pooled_prompt_embeds is None else pooled_prompt_embeds
     embeds = PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
     if not do_classifier_free_guidance:
         embeds.negative_prompt_embeds = embeds.negative_pooled_prompt_embeds = None
     elif negative_prompt_embeds is None:
-        negatives = (negative_prompt, negative_prompt_2)
-        force_zeros = force_zeros_for_empty_prompt
-        encode_negative_prompt(encoders, negatives, embeds, batch_size=batch_size, force_zeros=force_zeros)
+        encode_negative_prompt(encoders, negatives, embeds, chunks=chunks)
     return embeds.prepared(device=device, dtype=dtype, num_images_per_prompt=num_images_per_prompt)
 
 
+def negative_texts(
+    negative_prompt: Prompt, negative_prompt_2: Prompt, batch_size: int, force_zeros: bool
+) -> list[list[str]] | None:
+    """The negative prompts for the two encoders; None where they are zeros (no negative prompt and
+    `force_zeros_for_empty_prompt`, which SDXL base's model_index.json sets)."""
+    if negative_prompt is None and force_zeros:
+        return None
+    return [as_prompt_list(negative_prompt or "", batch_size, name="negative_prompt"),
+            as_prompt_list(negative_prompt_2 or negative_prompt or "", batch_size, name="negative_prompt_2")]
+
+
+def weighted_chunk_count(
+    encoders: Sequence[tuple], texts: list[list[str]] | None, negatives: list[list[str]] | None,
+    prompt_embeds: torch.Tensor | None,
+) -> int:
+    """How many 77-token chunks every prompt and negative prompt is encoded in, so that their embeddings line up:
+    the most any of them needs, or as many as the given `prompt_embeds` hold."""
+    from stablepipe.pipelines.prompt_weighting import CHUNK, chunk_count
+
+    if prompt_embeds is not None:
+        return max(1, prompt_embeds.shape[1] // (CHUNK + 2))
+    lists = [[*texts[i], *(negatives[i] if negatives else [])] for i in range(len(encoders))]
+    return max(chunk_count(tokenizer, prompts) for (tokenizer, _), prompts in zip(encoders, lists))
+
+
 def encode_negative_prompt(
-    encoders: Sequence[tuple],
-    negatives: tuple[Prompt, Prompt],
-    embeds: PromptEmbeds,
-    *,
-    batch_size: int,
-    force_zeros: bool,
+    encoders: Sequence[tuple], negatives: list[list[str]] | None, embeds: PromptEmbeds, *, chunks: int | None = None
 ) -> None:
-    """Fill in `embeds`' negative tensors: zeros for no negative prompt when `force_zeros`, else encoded."""
-    negative_prompt, negative_prompt_2 = negatives
-    if negative_prompt is None and force_zeros:  # SDXL base's model_index.json sets force_zeros_for_empty_prompt
+    """Fill in `embeds`' negative tensors: zeros where `negatives` is None, else the negative prompts encoded
+    like the prompts (in `chunks` weighted chunks, or to the prompt embeddings' length)."""
+    if negatives is None:
         embeds.negative_prompt_embeds = torch.zeros_like(embeds.prompt_embeds)
         embeds.negative_pooled_prompt_embeds = torch.zeros_like(embeds.pooled_prompt_embeds)
         return
-    texts = as_prompt_list(negative_prompt or "", batch_size, name="negative_prompt")
-    texts_2 = as_prompt_list(negative_prompt_2 or negative_prompt or "", batch_size, name="negative_prompt_2")
     length = embeds.prompt_embeds.shape[1]
-    hidden, pooled = encode_with_encoders(encoders, [texts, texts_2], layer=-2, max_length=length)
+    hidden, pooled = encode_with_encoders(encoders, negatives, layer=-2, max_length=length, chunks=chunks)
     embeds.negative_prompt_embeds = hidden
     if embeds.negative_pooled_prompt_embeds is None:
         embeds.negative_pooled_prompt_embeds = pooled
