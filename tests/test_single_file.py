@@ -222,7 +222,8 @@ def test_unknown_architecture_asks_for_config(sd1_folder, tmp_path):
 
 def test_shipped_config_plan_builds_the_pipeline(sd1_folder, tmp_path):
     """The no-`config=` path: a type description (here a tiny one) builds every component; the tokenizer comes
-    from its repo (here a local folder), the scheduler from the shipped config with the prediction type."""
+    from the package (here a tiny one's folder instead), the scheduler from the shipped config with the
+    prediction type."""
     from stablepipe.loading.checkpoint import read_checkpoint as read
     from stablepipe.loading.single_file import build_components, plan_from_type
 
@@ -231,7 +232,7 @@ def test_shipped_config_plan_builds_the_pipeline(sd1_folder, tmp_path):
     for name in ("unet", "vae", "text_encoder"):
         data["components"][name]["config"] = dict(getattr(reference, name).config.to_dict()
                                                   if name == "text_encoder" else getattr(reference, name).config)
-    data["components"]["tokenizer"].update(repo=str(sd1_folder), subfolder="tokenizer")
+    data["components"]["tokenizer"] = {"class": "CLIPTokenizer", "repo": str(sd1_folder), "subfolder": "tokenizer"}
     path = save_single_file(sd1_folder, tmp_path / "m.safetensors")
     plan = plan_from_type(data, "v_prediction")
     built = build_components(
@@ -243,6 +244,45 @@ def test_shipped_config_plan_builds_the_pipeline(sd1_folder, tmp_path):
     assert built["safety_checker"] is None
     assert built["tokenizer"]("a red").input_ids == reference.tokenizer("a red").input_ids
     assert same_weights(built["unet"], reference.unet) == 0.0
+
+
+KNOWN_IDS = {"a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407]}  # CLIP's ids, as every SD tool has them
+
+
+@pytest.mark.parametrize("model_type", ["sd1", "sd1-inpaint", "sd2", "sd2-inpaint", "sd2-depth", "sd-x4-upscaler",
+                                        "sdxl", "sdxl-refiner", "sdxl-inpaint"])
+def test_every_known_type_gets_clip_tokenizers_from_the_package(model_type, monkeypatch, tmp_path):
+    """No `config=`, no network: the tokenizers come from the vocabulary shipped in the package, with the
+    padding of the model's own tokenizer folders (<|endoftext|> for CLIP ViT-L, "!" for the OpenCLIP encoders)."""
+    from stablepipe.loading.single_file import build_loaded, plan_from_type
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("STABLEPIPE_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.snapshot_download", None)  # any download attempt fails loudly
+    plan = plan_from_type(type_config(model_type), "epsilon")
+    names = [n for n in ("tokenizer", "tokenizer_2") if plan.components.get(n) is not None]
+    assert names == {"sdxl": ["tokenizer", "tokenizer_2"], "sdxl-inpaint": ["tokenizer", "tokenizer_2"],
+                     "sdxl-refiner": ["tokenizer_2"]}.get(model_type, ["tokenizer"])
+    open_clip = model_type.startswith(("sd2", "sd-x4")) or model_type == "sdxl-refiner"
+    for name in names:
+        tokenizer = build_loaded(plan.components[name], name=name, torch_dtype=torch.float32, hub_kwargs={})
+        assert len(tokenizer) == 49408 and tokenizer.model_max_length == 77
+        assert tokenizer("a photo of a cat").input_ids == KNOWN_IDS["a photo of a cat"]
+        assert tokenizer.pad_token == ("!" if open_clip or name == "tokenizer_2" else "<|endoftext|>")
+        padded = tokenizer("A Photo of a CAT", padding="max_length", max_length=77).input_ids  # lower-cased
+        assert padded[:7] == KNOWN_IDS["a photo of a cat"] and padded[7] == tokenizer.pad_token_id
+
+
+def test_shipped_vocabulary_is_written_once(monkeypatch, tmp_path):
+    from stablepipe.loading.clip_tokenizer import clip_tokenizer
+
+    monkeypatch.setenv("STABLEPIPE_CACHE", str(tmp_path))
+    first = clip_tokenizer()
+    vocab = tmp_path / "clip-vocabulary" / "vocab.json"
+    stamp = vocab.stat().st_mtime_ns
+    assert clip_tokenizer("!")("café").input_ids == first("café").input_ids and vocab.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="pad_token must be one of"):
+        clip_tokenizer("<pad>")
 
 
 def test_missing_tokenizer_offline_names_the_repo(sd1_folder, tmp_path, monkeypatch):

@@ -18,15 +18,31 @@ class UsageError(Exception):
 # ---- shared flags ----------------------------------------------------------------------------------------
 
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, *, model_files: bool = True) -> None:
+    """--model and how to load it; with `model_files`, also --config (single files), --lora, --embedding and
+    --prompt-weighting (the commands that load one pipeline through `load_pipeline`)."""
     group = parser.add_argument_group("model")
-    group.add_argument("--model", help="Hub repo id or local diffusers folder (default: the built-in tiny model)")
+    group.add_argument("--model", help="Hub repo id, local diffusers folder, or single .safetensors/.ckpt file "
+                                        "(default: the built-in model)")
     group.add_argument("--variant", help="weight variant to load, e.g. fp16")
     group.add_argument("--revision", help="Hub revision (branch, tag or commit)")
     group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps ... (default: cuda if available)")
     group.add_argument("--dtype", default="auto", choices=DTYPES,
                        help="auto: bfloat16 + channels-last on CPUs with native bfloat16, else float32; CUDA: float16")
     group.add_argument("--no-safety-checker", action="store_true", help="do not run the safety checker")
+    if not model_files:
+        return
+    group.add_argument("--config", help="for a single-file --model of an unknown kind: a diffusers folder or Hub id "
+                                         "describing it")
+    group.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                       help="a LoRA file, folder or Hub id (kohya / AUTOMATIC1111 or diffusers layout), scale 1 by "
+                            "default; repeat for several")
+    group.add_argument("--embedding", action="append", default=[], metavar="FILE[:TOKEN]",
+                       help="a textual-inversion embedding (.pt / .safetensors), used in prompts as TOKEN (default: "
+                            "the file's own token or its name); repeat for several")
+    group.add_argument("--prompt-weighting", action="store_true",
+                       help="read AUTOMATIC1111's prompt syntax, (word:1.3) (word) [word] BREAK, and prompts longer "
+                            "than 77 tokens")
 
 
 def add_generation_flags(parser: argparse.ArgumentParser) -> None:
@@ -138,8 +154,17 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
         extra["safety_checker"] = None
         if "requires_safety_checker" in cls._config_keys:  # depth2img and the upscalers have no such setting
             extra["requires_safety_checker"] = False
-    pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
-    if args.scheduler:
+    if is_single_file(model):
+        if args.variant:
+            raise UsageError("--variant is for diffusers folders and Hub repos, not single files")
+        config = getattr(args, "config", None)
+        pipe = cls.from_single_file(model, config=config, torch_dtype=dtype, revision=args.revision, **extra)
+    elif getattr(args, "config", None):
+        raise UsageError("--config describes a single-file --model (.safetensors / .ckpt); drop it for folders")
+    else:
+        pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
+    add_adapters(pipe, args)
+    if getattr(args, "scheduler", None):
         from stablepipe.schedulers.names import scheduler_from_name
 
         pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
@@ -148,6 +173,41 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     if args.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
         pipe.enable_channels_last()  # the CPU fast path (benchmarks/RESULTS.md: float32 gains less, costs memory)
     return pipe
+
+
+def is_single_file(model: str | Path) -> bool:
+    """A .safetensors / .ckpt / .pt / .bin file, local or a Hub file URL, rather than a folder or repo id."""
+    text = str(model)
+    return text.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")) and not Path(text).is_dir()
+
+
+def split_option(value: str, flag: str) -> tuple[str, str | None]:
+    """"path:extra" -> (path, extra); a Windows drive letter or a URL scheme is not taken for the separator."""
+    head, sep, tail = value.rpartition(":")
+    if not sep or not head or "/" in tail or "\\" in tail or len(head) == 1:
+        return value, None
+    if not tail:
+        raise UsageError(f"{flag} {value!r}: nothing after ':'")
+    return head, tail
+
+
+def add_adapters(pipe, args: argparse.Namespace) -> None:
+    """--lora, --embedding and --prompt-weighting on a loaded pipeline."""
+    names, scales = [], []
+    for i, value in enumerate(getattr(args, "lora", [])):
+        source, scale = split_option(value, "--lora")
+        try:
+            scales.append(float(scale) if scale is not None else 1.0)
+        except ValueError:
+            raise UsageError(f"--lora {value!r}: the scale after ':' must be a number, e.g. {source}:0.8") from None
+        names.append(f"lora_{i}")
+        pipe.load_lora_weights(source, adapter_name=names[-1])
+    if names:
+        pipe.set_adapters(names, scales)
+    for value in getattr(args, "embedding", []):
+        source, token = split_option(value, "--embedding")
+        pipe.load_textual_inversion(source, token=token)
+    pipe.prompt_weighting = bool(getattr(args, "prompt_weighting", False))
 
 
 def seeds_for(args: argparse.Namespace) -> list[int]:
@@ -206,6 +266,11 @@ def write_images(
         "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler or type(pipe.scheduler).__name__,
         "width": width, "height": height, "model": str(args.model or "builtin"), **(extra or {}),
     }
+    for key in ("lora", "embedding"):  # what else shaped the picture, when given
+        if getattr(args, key, None):
+            settings[key] = list(getattr(args, key))
+    if getattr(args, "prompt_weighting", False):
+        settings["prompt_weighting"] = True
     files = []
     for index, (image, path, seed) in enumerate(zip(images, output_paths(args.out, seeds), seeds)):
         save_png(image, path, {**settings, "seed": seed})

@@ -39,9 +39,27 @@ def is_sdxl(index: dict[str, Any]) -> bool:
     )
 
 
+def model_is_sdxl(args: argparse.Namespace) -> bool:
+    """Whether --model is SDXL: by its model_index.json, or for a single file by --config's or by its weights
+    (SDXL files keep their text encoders under `conditioner.embedders.`)."""
+    from stablepipe.cli.common import is_single_file
+
+    if args.model is None:
+        return False
+    if not is_single_file(args.model):
+        return is_sdxl(model_index(args.model, revision=args.revision))
+    if getattr(args, "config", None):
+        return is_sdxl(model_index(args.config))
+    from stablepipe.loading.checkpoint import checkpoint_keys
+
+    if not Path(args.model).is_file():
+        return False  # a Hub file URL or a missing file: the loader says what is wrong
+    return any(key.startswith("conditioner.embedders.") for key in checkpoint_keys(args.model))
+
+
 def wants_sdxl(args: argparse.Namespace) -> bool:
     """Whether `generate` should run SDXL: --model is an SDXL checkpoint. --refiner needs one."""
-    sdxl = args.model is not None and is_sdxl(model_index(args.model, revision=args.revision))
+    sdxl = model_is_sdxl(args)
     if args.refiner and not sdxl:
         raise UsageError("--refiner needs an SDXL --model (e.g. stabilityai/stable-diffusion-xl-base-1.0)")
     if not 0 < args.refiner_start < 1:

@@ -15,7 +15,7 @@ def register(commands) -> None:
         "upscaling, SDXL and LDM3D, one tab each, sharing the loaded weights. Needs the ui extra: "
         'pip install "stablepipe[ui]".',
     )
-    add_model_flags(parser)
+    add_model_flags(parser, model_files=False)  # the app loads models itself (its Load box takes single files)
     parser.add_argument_group("model").add_argument(
         "--load", action="append", default=[], metavar="ID_OR_PATH",
         help="another checkpoint to load at start (depth, variation, upscaler, SDXL base or refiner, LDM3D); "

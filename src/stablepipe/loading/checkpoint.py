@@ -60,6 +60,20 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     )
 
 
+def checkpoint_keys(path: str | os.PathLike) -> list[str]:
+    """The tensor names in a checkpoint: from a .safetensors header alone, else by reading the file."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                return list(handle.keys())
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            raise corrupt_error(path, err) from err
+    return list(read_checkpoint(path).state)
+
+
 def read_safetensors(path: Path) -> Checkpoint:
     from safetensors import safe_open
 

@@ -42,7 +42,8 @@ WEIGHT_SOURCES = {
 @dataclasses.dataclass
 class ComponentSpec:
     """How to make one component: from the file's weights (`prefix`, `layout`), or loaded from `source`
-    (a local folder, or a Hub repo with `subfolder`), or built from `config` alone (schedulers)."""
+    (a local folder, or a Hub repo with `subfolder`), or built from `config` alone (schedulers; CLIP's tokenizer
+    with library "shipped")."""
 
     class_name: str
     config: dict[str, Any] | None = None
@@ -71,6 +72,9 @@ def plan_from_type(data: Mapping[str, Any], prediction_type: str) -> Plan:
     for name, entry in data["components"].items():
         if entry is None:
             specs[name] = None
+            continue
+        if "shipped" in entry:  # a tokenizer made from the vocabulary in the package (clip_tokenizer.py)
+            specs[name] = ComponentSpec(entry["class"], dict(entry["shipped"]), library="shipped")
             continue
         config = {**entry["config"], **overrides.get(name, {})} if "config" in entry else None
         specs[name] = ComponentSpec(
@@ -188,7 +192,11 @@ def canonical_clip_names(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def build_loaded(spec: ComponentSpec, *, name: str, torch_dtype: torch.dtype, hub_kwargs: dict[str, Any]) -> Any:
     """A component the file does not hold: a scheduler from its config, or a tokenizer, image processor or
-    other model from a folder or Hub repo."""
+    other model from a folder or Hub repo; CLIP's tokenizer from the package."""
+    if spec.library == "shipped":
+        from stablepipe.loading.clip_tokenizer import clip_tokenizer
+
+        return clip_tokenizer(**spec.config)
     cls = component_loading.resolve_class(spec.library, spec.class_name, component=name)
     if spec.source is None:
         return cls.from_config(spec.config)
