@@ -108,3 +108,62 @@ def test_model_dtype_and_config(sd1_folder):
     assert unet.config.cross_attention_dim == 32 and unet.config["in_channels"] == 4
     with pytest.raises(AttributeError, match="read-only"):
         unet.config.in_channels = 9
+
+
+# ---- reading safetensors tensor by tensor ------------------------------------------------------------------
+
+
+def test_safetensors_reader_matches_the_library_and_converts_floats_only(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from stablepipe.loading.files import read_safetensors, safetensors_metadata
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
+        "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "f64": torch.randn(1, generator=g).double(),
+        "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8), "u8": torch.tensor([255], dtype=torch.uint8),
+        "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
+    }
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "ss_steps": "12"})
+    expected = load_file(str(path))
+    got = read_safetensors(path)
+    assert got.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape and torch.equal(got[name], tensor)
+    converted = read_safetensors(path, torch.bfloat16)
+    assert {k for k, v in converted.items() if v.dtype == torch.bfloat16} == {
+        "f32", "f16", "bf16", "f64", "empty", "scalar"}
+    assert converted["i64"].dtype == torch.int64 and torch.equal(converted["f32"], tensors["f32"].bfloat16())
+    assert safetensors_metadata(path) == {"format": "pt", "ss_steps": "12"}
+
+
+def test_safetensors_reader_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    from stablepipe.loading.files import load_state_dict
+
+    path = tmp_path / "w.safetensors"
+    save_file({"a": torch.ones(1000)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[:-100])
+    with pytest.raises(OSError, match="not a readable safetensors file .*ends inside tensor 'a'.*re-download"):
+        load_state_dict([path])
+    path.write_bytes(b"\xff" * 64)
+    with pytest.raises(OSError, match="header length"):
+        load_state_dict([path])
+    header = b'{"a":{"dtype":"F8_E4M3","shape":[1],"data_offsets":[0,1]}}'
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\x00")
+    with pytest.raises(OSError, match="dtype F8_E4M3"):
+        load_state_dict([path])
+
+
+def test_models_load_converted_from_float32_files(sd1_folder):
+    from stablepipe import AutoencoderKL
+
+    full = AutoencoderKL.from_pretrained(sd1_folder / "vae")
+    half = AutoencoderKL.from_pretrained(sd1_folder / "vae", torch_dtype=torch.bfloat16)
+    assert half.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(full.state_dict().items(), half.state_dict().items(), strict=True):
+        assert torch.equal(a.bfloat16(), b), name

@@ -46,13 +46,14 @@ class Checkpoint:
     metadata: dict[str, str] = field(default_factory=dict)
 
 
-def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read a `.safetensors` or pickled checkpoint; Lightning's `{"state_dict": ...}` wrapper is unwrapped."""
+def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -> Checkpoint:
+    """Read a `.safetensors` or pickled checkpoint; Lightning's `{"state_dict": ...}` wrapper is unwrapped.
+    With `dtype`, a `.safetensors` file's floating-point tensors are converted as they are read (less memory)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint file at {path}")
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        return read_safetensors(path)
+        return read_safetensors(path, dtype)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return read_pickle(path)
     raise CheckpointError(
@@ -74,13 +75,12 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
     return list(read_checkpoint(path).state)
 
 
-def read_safetensors(path: Path) -> Checkpoint:
-    from safetensors import safe_open
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    from stablepipe.loading import files
 
     try:
-        with safe_open(str(path), framework="pt") as file:
-            metadata = file.metadata() or {}
-            state = {key: file.get_tensor(key) for key in file.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+        metadata = files.safetensors_metadata(path)
+        state = files.read_safetensors(path, dtype)
     except Exception as err:  # safetensors raises its own error types for every kind of damage
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({err}). It is probably truncated or corrupt: "

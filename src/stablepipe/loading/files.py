@@ -109,15 +109,59 @@ def find_weight_files(folder: Path, base: str, variant: str | None = None) -> li
     )
 
 
-def load_state_dict(files: list[Path]) -> dict[str, torch.Tensor]:
-    """Read weights from safetensors or (safely, no code runs) from torch `.bin` / `.ckpt` files."""
-    from safetensors.torch import load_file
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
 
+
+def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor with plain reads, each floating tensor converted to `dtype` before
+    the next is read: loading float32 files into bfloat16 holds the bfloat16 weights plus one float32 tensor,
+    not the whole float32 file (memory-mapping would keep every page read resident). Format: an 8-byte
+    little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data."""
+    state: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as handle:
+        header, start = _header(handle)
+        entries = sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                         key=lambda item: item[1]["data_offsets"][0])
+        for name, entry in entries:
+            kind = SAFETENSORS_DTYPES.get(entry["dtype"])
+            if kind is None:
+                raise ValueError(f"tensor {name!r} has dtype {entry['dtype']}, which stablepipe does not read")
+            begin, end = entry["data_offsets"]
+            handle.seek(start + begin)
+            data = bytearray(end - begin)
+            if handle.readinto(data) != len(data):
+                raise ValueError(f"the file ends inside tensor {name!r}")
+            tensor = torch.frombuffer(data, dtype=kind) if data else torch.empty(0, dtype=kind)
+            tensor = tensor.reshape(entry["shape"])
+            state[name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
+
+
+def _header(handle) -> tuple[dict[str, Any], int]:
+    """A safetensors file's JSON header and where its data starts."""
+    size = int.from_bytes(handle.read(8), "little")
+    if not 2 <= size <= 100_000_000:
+        raise ValueError(f"header length {size} is not plausible")
+    return json.loads(handle.read(size)), 8 + size
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (training steps, format ...), without reading tensors."""
+    with open(path, "rb") as handle:
+        return dict(_header(handle)[0].get("__metadata__") or {})
+
+
+def load_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read weights from safetensors or (safely, no code runs) from torch `.bin` / `.ckpt` files; with `dtype`,
+    floating-point weights come converted to it."""
     state: dict[str, torch.Tensor] = {}
     for path in files:
         if path.suffix == ".safetensors":
             try:
-                state.update(load_file(str(path)))
+                state.update(read_safetensors(path, dtype))
             except Exception as err:
                 raise OSError(f"{path} is not a readable safetensors file ({err}); re-download it") from err
         else:

@@ -318,7 +318,7 @@ def load_pipeline(
     if kwargs.pop("original_config", None) is not None or kwargs.pop("original_config_file", None) is not None:
         raise ValueError("original YAML configs are not read; pass `config=` a diffusers folder or Hub repo id instead")
     hub_kwargs = {k: kwargs.pop(k) for k in (*HUB_KWARGS, "revision") if k in kwargs}
-    checkpoint = read_checkpoint(resolve_file(path, hub_kwargs))
+    checkpoint = read_checkpoint(resolve_file(path, hub_kwargs), torch_dtype)
     plan = make_plan(checkpoint, config=config, prediction_type=prediction_type, hub_kwargs=dict(hub_kwargs))
     hub_kwargs.pop("revision", None)
     if pipeline_cls is DiffusionPipeline:

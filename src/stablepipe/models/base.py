@@ -58,7 +58,8 @@ class ModelMixin(nn.Module, ConfigMixin):
             folder = root / (subfolder or "")
         config = cls.load_config(folder)
         files = find_weight_files(folder, cls.weights_name, variant)
-        return cls.from_state_dict(config, load_state_dict(files), where=str(files[0]), torch_dtype=torch_dtype)
+        state = load_state_dict(files, torch_dtype)  # converted tensor by tensor: no second copy of the weights
+        return cls.from_state_dict(config, state, where=str(files[0]), torch_dtype=torch_dtype)
 
     @classmethod
     def from_state_dict(
