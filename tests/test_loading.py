@@ -122,7 +122,8 @@ def test_safetensors_reader_matches_the_library_and_converts_floats_only(tmp_pat
     tensors = {
         "f32": torch.randn(3, 4, generator=g), "f16": torch.randn(5, generator=g).half(),
         "bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "f64": torch.randn(1, generator=g).double(),
-        "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8), "u8": torch.tensor([255], dtype=torch.uint8),
+        "i64": torch.arange(7), "i8": torch.tensor([-3, 4], dtype=torch.int8),
+        "u8": torch.tensor([255], dtype=torch.uint8),
         "mask": torch.tensor([True, False]), "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5),
     }
     path = tmp_path / "w.safetensors"
