@@ -19,11 +19,11 @@ ATTRIBUTES = ("colour", "shape", "position", "background", "size")
 FOLLOWED = ("colour", "shape", "position", "background")  # what counts for adherence
 
 
-def generate(pipe, scenes, *, steps: int, guidance: float, seed: int = 0) -> np.ndarray:
+def generate(pipe, scenes, *, steps: int, guidance: float, seed: int = 0, guidance_rescale: float = 0.0) -> np.ndarray:
     """One picture per scene, scene i with seed `seed + i`: (N, H, W, 3) in [0, 1]."""
     generators = [torch.Generator().manual_seed(seed + i) for i in range(len(scenes))]
     out = pipe([s.caption for s in scenes], num_inference_steps=steps, guidance_scale=guidance,
-               generator=generators, output_type="np")
+               guidance_rescale=guidance_rescale, generator=generators, output_type="np")
     return out.images
 
 
@@ -40,6 +40,7 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--guidance-rescale", type=float, default=0.0)
     parser.add_argument("--count", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", type=Path, help="save the pictures side by side here")
@@ -50,7 +51,8 @@ def main() -> None:
     pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     scenes = shapes_data.benchmark_scenes(args.count)
-    images = generate(pipe, scenes, steps=args.steps, guidance=args.guidance, seed=args.seed)
+    images = generate(pipe, scenes, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                      guidance_rescale=args.guidance_rescale)
     print(args.model, adherence(images, scenes))
     if args.grid:
         from PIL import Image
