@@ -231,14 +231,14 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("training/runs/demo"), help="checkpoints and logs")
     parser.add_argument("--images", type=int, default=12000)
     parser.add_argument("--vae-steps", type=int, default=1200)
-    parser.add_argument("--steps", type=int, default=3000, help="UNet + text encoder steps")
+    parser.add_argument("--steps", type=int, default=12000, help="UNet + text encoder steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int, default=250)
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--freeze-text", action="store_true", help="keep the text encoder at its random init")
-    parser.add_argument("--high-noise-share", type=float, default=0.0,
+    parser.add_argument("--high-noise-share", type=float, default=0.5,
                         help="the share of timesteps drawn from the noisiest quarter")
     parser.add_argument("--cross-attention-everywhere", action="store_true",
                         help="cross-attention at the 16 x 16 level too")
