@@ -190,6 +190,21 @@ def test_safe_mode_is_safe_latent_diffusion_at_the_chosen_level(manager, cache, 
     assert max_diff(PIL.Image.open(result.files[0]), expected) == 0
 
 
+def test_prompt_syntax_switch_reads_weights_and_long_prompts(manager, cache, tmp_path):
+    prompt = ", ".join(["a (red:1.4) circle on the [sea]"] * 8)  # weights, and more than 77 tokens
+    values = {**COMMON, "prompt": prompt, "width": 64, "height": 64, "prompt_weighting": True}
+    result = run.generate(manager, "txt2img", values, tmp_path)
+    assert result.settings["prompt_weighting"] is True
+    pipe = builtin_pipe(cache)
+    kwargs = dict(num_inference_steps=2, guidance_scale=5.0, width=64, height=64)
+    plain = pipe(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    pipe.prompt_weighting = True
+    expected = pipe(prompt, generator=torch.Generator().manual_seed(3), **kwargs).images[0]
+    assert max_diff(PIL.Image.open(result.files[0]), expected) == 0 and max_diff(expected, plain) > 0
+    unticked = run.generate(manager, "txt2img", {**values, "prompt_weighting": False}, tmp_path / "plain")
+    assert max_diff(PIL.Image.open(unticked.files[0]), plain) == 0 and "prompt_weighting" not in unticked.settings
+
+
 def test_sdxl_with_the_refiner_is_the_ensemble_of_experts(every_model, sdxl_folder, sdxl_refiner_folder, tmp_path):
     values = {**COMMON, "steps": 4, "width": 32, "height": 32, "refiner": True, "high_noise_frac": 0.5}
     result = run.generate(every_model, "sdxl", values, tmp_path)
@@ -293,6 +308,7 @@ def result_image(tab, out: Path, seed: int) -> PIL.Image.Image:
 def test_type_a_prompt_press_generate_get_the_image_its_seed_and_its_settings(page, server, cache):
     tab = page.locator("#tab-txt2img")
     fill_form(tab, prompt="a red circle", steps=2, seed=5, size=64)
+    sync_api.expect(tab.get_by_label("AUTOMATIC1111 prompt syntax", exact=False)).not_to_be_checked()
     tab.get_by_role("button", name="Generate").click()
     saved = result_image(tab, server[1], 5)
     shown = tab.locator(".results img").first.get_attribute("src")

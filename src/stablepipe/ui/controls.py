@@ -50,6 +50,9 @@ def prompt_fields(*, negative: bool = True) -> dict[str, gr.components.Component
     fields = {"prompt": gr.Textbox(label="Prompt", lines=2, placeholder="an astronaut riding a horse, oil painting")}
     if negative:
         fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+    fields["prompt_weighting"] = gr.Checkbox(
+        False, label="AUTOMATIC1111 prompt syntax: (word:1.3), (word), [word], BREAK, prompts over 77 tokens"
+    )
     return fields
 
 

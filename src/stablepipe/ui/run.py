@@ -63,12 +63,15 @@ def pick_seeds(seed: float | int | None, batch: float | int) -> list[int]:
 
 def shared_settings(task: str, values: dict[str, Any], output: Output) -> dict[str, Any]:
     width, height = output.images[0].size
-    return {
+    settings = {
         "command": task, "prompt": values.get("prompt"), "negative_prompt": values.get("negative_prompt") or None,
         "steps": values.get("steps"), "guidance": values.get("guidance"),
         "scheduler": values.get("scheduler") or "model default", "width": width, "height": height,
         "model": output.model, **output.settings,
     }
+    if values.get("prompt_weighting"):  # as the command line records --prompt-weighting
+        settings["prompt_weighting"] = True
+    return settings
 
 
 def generate(manager: ModelManager, task: str, values: dict[str, Any], out_dir: Path) -> Result:

@@ -173,9 +173,10 @@ class ModelManager:
             return {"text_encoder_2": base.text_encoder_2, "vae": base.vae}
         return {}
 
-    def pipeline(self, cls, slot: str, *, scheduler: str | None = None):
+    def pipeline(self, cls, slot: str, *, scheduler: str | None = None, prompt_weighting: bool = False):
         """A `cls` built from the components in `slot` (no weights copied), with the sampler named
-        `scheduler` (A1111 / ComfyUI names) or the model's own; a ValueError saying what to load if empty."""
+        `scheduler` (A1111 / ComfyUI names) or the model's own, reading AUTOMATIC1111's prompt syntax when
+        `prompt_weighting`; a ValueError saying what to load if empty."""
         pipe = self._loaded.get(slot)
         if pipe is None:
             raise ValueError(self.missing_message(slot))
@@ -185,6 +186,7 @@ class ModelManager:
 
             kwargs["scheduler"] = scheduler_from_name(scheduler, pipe.scheduler.config)
         built = cls(**kwargs)
+        built.prompt_weighting = prompt_weighting
         built.set_progress_bar_config(desc="Denoising")
         return built
 

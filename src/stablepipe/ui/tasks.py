@@ -51,6 +51,11 @@ def text_kwargs(values: dict[str, Any], generators: list) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def sampling(values: dict[str, Any]) -> dict[str, Any]:
+    """How the tab's pipeline is built: the sampler by name, and AUTOMATIC1111's prompt syntax when ticked."""
+    return {"scheduler": values.get("scheduler"), "prompt_weighting": bool(values.get("prompt_weighting"))}
+
+
 def size_kwargs(values: dict[str, Any]) -> dict[str, int]:
     return {"width": int(values["width"]), "height": int(values["height"])}
 
@@ -88,17 +93,17 @@ def run_txt2img(manager: ModelManager, values: dict[str, Any], generators: list)
     """Text-to-image; with `safe` on, Safe Latent Diffusion at the chosen level."""
     kwargs = {**text_kwargs(values, generators), **size_kwargs(values)}
     if not values.get("safe"):
-        pipe = manager.pipeline(stablepipe.StableDiffusionPipeline, "sd", scheduler=values.get("scheduler"))
+        pipe = manager.pipeline(stablepipe.StableDiffusionPipeline, "sd", **sampling(values))
         return from_result(pipe(**kwargs), manager.sources["sd"])
     level = str(values.get("safe_level") or "MEDIUM").upper()
-    pipe = manager.pipeline(stablepipe.StableDiffusionPipelineSafe, "sd", scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(stablepipe.StableDiffusionPipelineSafe, "sd", **sampling(values))
     result = pipe(**kwargs, **stablepipe.SafetyConfig.preset(level))
     return from_result(result, manager.sources["sd"], {"safe": level})
 
 
 def run_img2img(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
     image = need_image(values.get("image"))
-    pipe = manager.pipeline(stablepipe.StableDiffusionImg2ImgPipeline, "sd", scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(stablepipe.StableDiffusionImg2ImgPipeline, "sd", **sampling(values))
     strength = float(values["strength"])
     result = pipe(image=image, strength=strength, **text_kwargs(values, generators))
     return from_result(result, manager.sources["sd"], {"strength": strength})
@@ -108,7 +113,7 @@ def run_inpaint(manager: ModelManager, values: dict[str, Any], generators: list)
     """Inpainting with the inpainting model when one is loaded, else with the text model."""
     image, mask = mask_from_editor(values.get("editor"))
     slot = "inpaint" if manager.loaded("inpaint") is not None else "sd"
-    pipe = manager.pipeline(stablepipe.StableDiffusionInpaintPipeline, slot, scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(stablepipe.StableDiffusionInpaintPipeline, slot, **sampling(values))
     strength = float(values["strength"])
     result = pipe(image=image, mask_image=mask, width=image.width, height=image.height, strength=strength,
                   **text_kwargs(values, generators))
@@ -119,7 +124,7 @@ def run_inpaint(manager: ModelManager, values: dict[str, Any], generators: list)
 
 def run_depth2img(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
     image = need_image(values.get("image"))
-    pipe = manager.pipeline(stablepipe.StableDiffusionDepth2ImgPipeline, "depth", scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(stablepipe.StableDiffusionDepth2ImgPipeline, "depth", **sampling(values))
     depth = values.get("depth_map")
     strength = float(values["strength"])
     result = pipe(image=image, depth_map=depth, strength=strength, **text_kwargs(values, generators))
@@ -129,7 +134,7 @@ def run_depth2img(manager: ModelManager, values: dict[str, Any], generators: lis
 def run_variation(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
     image = need_image(values.get("image"))
     cls = stablepipe.StableDiffusionImageVariationPipeline
-    pipe = manager.pipeline(cls, "variation", scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(cls, "variation", **sampling(values))
     kwargs = {k: v for k, v in text_kwargs(values, generators).items() if k not in ("prompt", "negative_prompt")}
     return from_result(pipe(image, **kwargs, **size_kwargs(values)), manager.sources["variation"])
 
@@ -140,11 +145,11 @@ def run_upscale(manager: ModelManager, values: dict[str, Any], generators: list)
     kwargs = text_kwargs(values, generators)
     if values.get("upscaler") == "x2":
         cls = stablepipe.StableDiffusionLatentUpscalePipeline
-        pipe = manager.pipeline(cls, "x2", scheduler=values.get("scheduler"))
+        pipe = manager.pipeline(cls, "x2", **sampling(values))
         kwargs.pop("num_images_per_prompt")
         images = [pipe(image=image, **{**kwargs, "generator": g}).images[0] for g in generators]
         return Output(images, {"upscaler": "x2 latent"}, model=manager.sources["x2"])
-    pipe = manager.pipeline(stablepipe.StableDiffusionUpscalePipeline, "x4", scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(stablepipe.StableDiffusionUpscalePipeline, "x4", **sampling(values))
     noise_level = int(values["noise_level"])
     result = pipe(image=image, noise_level=noise_level, **kwargs)
     return from_result(result, manager.sources["x4"], {"upscaler": "x4", "noise_level": noise_level})
@@ -154,11 +159,11 @@ def run_sdxl(manager: ModelManager, values: dict[str, Any], generators: list) ->
     """SDXL base; with the refiner on, the base denoises the first `high_noise_frac` of the steps and the
     refiner the rest (diffusers' "ensemble of expert denoisers")."""
     kwargs = {**text_kwargs(values, generators), **size_kwargs(values)}
-    base = manager.pipeline(stablepipe.StableDiffusionXLPipeline, "sdxl", scheduler=values.get("scheduler"))
+    base = manager.pipeline(stablepipe.StableDiffusionXLPipeline, "sdxl", **sampling(values))
     if not values.get("refiner"):
         return Output(base(**kwargs).images, model=manager.sources["sdxl"])
     refiner = manager.pipeline(stablepipe.StableDiffusionXLImg2ImgPipeline, "refiner",
-                               scheduler=values.get("scheduler"))
+                               **sampling(values))
     split = float(values["high_noise_frac"])
     latents = base(**kwargs, denoising_end=split, output_type="latent").images
     kwargs = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
@@ -169,7 +174,7 @@ def run_sdxl(manager: ModelManager, values: dict[str, Any], generators: list) ->
 
 def run_ldm3d(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
     """An RGB image and its depth map from one prompt."""
-    pipe = manager.pipeline(stablepipe.StableDiffusionLDM3DPipeline, "ldm3d", scheduler=values.get("scheduler"))
+    pipe = manager.pipeline(stablepipe.StableDiffusionLDM3DPipeline, "ldm3d", **sampling(values))
     result = pipe(**text_kwargs(values, generators), **size_kwargs(values))
     return from_result(result, manager.sources["ldm3d"], depth=result.depth)
 
