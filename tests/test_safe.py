@@ -275,7 +275,8 @@ def test_bad_safety_concept(loaded):
 def test_cli_generate_safe(safe_folder, loaded, tmp_path, capsys):
     from stablepipe.cli import main
 
-    argv = ["generate", "a red circle", "--model", str(safe_folder), "--dtype", "float32", "--steps", "2", "--seed", "3", "--width", "32",
+    argv = ["generate", "a red circle", "--model", str(safe_folder), "--dtype", "float32", "--steps", "2",
+            "--seed", "3", "--width", "32",
             "--height", "32", "--safe", "max", "--safety-concept", "a blue square", "--out", str(tmp_path / "a.png"),
             "--json"]
     assert main(argv) == 0

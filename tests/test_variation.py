@@ -235,7 +235,8 @@ def test_cli_variation_writes_pngs(variation_folder, loaded, tmp_path, capsys):
     source = tmp_path / "source.png"
     input_image(0, size=(64, 64)).save(source)
     argv = ["variation", str(source), "--model", str(variation_folder), "--dtype", "float32", "--steps", "2",
-            "--seed", "5", "--num-images", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "out"), "--json"]
+            "--seed", "5", "--num-images", "2", "--width", "32", "--height", "32", "--out", str(tmp_path / "out"),
+            "--json"]
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out)
     assert [f["seed"] for f in report["files"]] == [5, 6]

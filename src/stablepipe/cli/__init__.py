@@ -19,7 +19,9 @@ COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "variation", "upscale
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="stablepipe", description="Stable Diffusion pipelines, from scratch in PyTorch.")
+    parser = argparse.ArgumentParser(
+        prog="stablepipe", description="Stable Diffusion pipelines, from scratch in PyTorch."
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     for name in COMMANDS:

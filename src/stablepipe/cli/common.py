@@ -50,7 +50,8 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--negative-prompt", default=None, help="what the image should not show")
     group.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
     group.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    group.add_argument("--scheduler", default=None, help='sampler by its usual name, e.g. "DPM++ 2M Karras"; "list" lists them')
+    group.add_argument("--scheduler", default=None,
+                       help='sampler by its usual name, e.g. "DPM++ 2M Karras"; "list" lists them')
     group.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed and saved)")
     group.add_argument("--width", type=int, default=None, help="image width in pixels, a multiple of 8")
     group.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8")

@@ -149,7 +149,8 @@ def encode_prompt(
         negative_prompt_embeds = weighted if with_negatives else negative_prompt_embeds
     if prompt_embeds is None:
         prompts = [prompt] if isinstance(prompt, str) else prompt
-        prompt_embeds = text_hidden_states(text_encoder, tokenize(tokenizer, prompts), device=device, clip_skip=clip_skip)
+        tokens = tokenize(tokenizer, prompts)
+        prompt_embeds = text_hidden_states(text_encoder, tokens, device=device, clip_skip=clip_skip)
     prompt_embeds = repeat_per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
     if not do_classifier_free_guidance:
         return prompt_embeds, None
@@ -157,7 +158,8 @@ def encode_prompt(
         negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
         tokens = tokenize(tokenizer, negatives, max_length=prompt_embeds.shape[1])
         negative_prompt_embeds = text_hidden_states(text_encoder, tokens, device=device, clip_skip=None)
-    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+    negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds, num_images_per_prompt)
     if negative_prompt_embeds.shape != prompt_embeds.shape:
         raise ValueError(
             f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
@@ -324,7 +326,9 @@ def denoise(
             if after_step is not None:
                 latents = after_step(i, t, latents)
             if callback_on_step_end is not None:
-                latents = run_step_callback(pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, cond)
+                latents = run_step_callback(
+                    pipe, callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, latents, cond
+                )
             if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
                 bar.update()
     return latents
@@ -358,7 +362,9 @@ def legacy_step_callback(
 
 def run_step_callback(pipe, callback, names: Sequence[str], i: int, t, latents: torch.Tensor, cond: Conditioning):
     """diffusers' `callback_on_step_end(pipe, i, t, tensors) -> tensors`; returned tensors replace ours."""
-    tensors = {"latents": latents, "prompt_embeds": cond.prompt_embeds, "negative_prompt_embeds": cond.negative_prompt_embeds}
+    tensors = {
+        "latents": latents, "prompt_embeds": cond.prompt_embeds, "negative_prompt_embeds": cond.negative_prompt_embeds
+    }
     tensors.update({k: v for k, v in cond.unet_kwargs.items() if isinstance(v, torch.Tensor)})
     outputs = callback(pipe, i, t, {k: tensors.get(k) for k in names}) or {}
     cond.prompt_embeds = outputs.get("prompt_embeds", cond.prompt_embeds)
