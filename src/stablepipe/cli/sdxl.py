@@ -11,7 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stablepipe.cli.common import UsageError, generation_kwargs, load_pipeline, pick_device_and_dtype, write_images
+from stablepipe.cli.common import (
+    UsageError,
+    generation_kwargs,
+    is_single_file,
+    load_pipeline,
+    pick_device_and_dtype,
+    write_images,
+)
 
 
 def add_refiner_flags(parser: argparse.ArgumentParser) -> None:
@@ -42,8 +49,6 @@ def is_sdxl(index: dict[str, Any]) -> bool:
 def model_is_sdxl(args: argparse.Namespace) -> bool:
     """Whether --model is SDXL: by its model_index.json, or for a single file by --config's or by its weights
     (SDXL files keep their text encoders under `conditioner.embedders.`)."""
-    from stablepipe.cli.common import is_single_file
-
     if args.model is None:
         return False
     if not is_single_file(args.model):

@@ -64,13 +64,12 @@ def read_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None) -
 def checkpoint_keys(path: str | os.PathLike) -> list[str]:
     """The tensor names in a checkpoint: from a .safetensors header alone, else by reading the file."""
     path = Path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        from stablepipe.loading.files import safetensors_header
 
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                return list(handle.keys())
-        except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+            return [key for key in safetensors_header(path) if key != "__metadata__"]
+        except Exception as err:  # a header that is not one
             raise corrupt_error(path, err) from err
     return list(read_checkpoint(path).state)
 
@@ -113,7 +112,7 @@ def load_pickle(path: Path) -> Any:
             "truncated or corrupt (download it again), or it needs code to unpickle, which stablepipe never runs: "
             "if you trust it, convert it to .safetensors in a separate Python session."
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except Exception as err:  # garbage makes the unpickler fail in many ways (IndexError, KeyError ...)
         raise corrupt_error(path, err) from err
     return loaded
 

@@ -148,10 +148,15 @@ def _header(handle) -> tuple[dict[str, Any], int]:
     return json.loads(handle.read(size)), 8 + size
 
 
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file's header (training steps, format ...), without reading tensors."""
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header, without reading tensors: {name: {dtype, shape, data_offsets}, "__metadata__"}."""
     with open(path, "rb") as handle:
-        return dict(_header(handle)[0].get("__metadata__") or {})
+        return _header(handle)[0]
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (training steps, format ...)."""
+    return dict(safetensors_header(path).get("__metadata__") or {})
 
 
 def load_state_dict(files: list[Path], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

@@ -66,10 +66,10 @@ def encode_prompt_pooled(
         negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
     chunks = None
     if prompt_weighting:
-        from stablepipe.pipelines.prompt_weighting import chunk_count
+        from stablepipe.pipelines.prompt_weighting import chunk_count, chunks_in
 
         texts = [*(prompts or []), *(negatives or [])]
-        chunks = chunk_count(tokenizer, texts) if prompts is not None else prompt_embeds.shape[1] // 77
+        chunks = chunk_count(tokenizer, texts) if prompts is not None else chunks_in(prompt_embeds)
     if prompts is not None:
         prompt_embeds, pooled_prompt_embeds = hidden_and_pooled(
             text_encoder, prompts, tokenizer, device=device, chunks=chunks

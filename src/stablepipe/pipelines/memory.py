@@ -118,7 +118,7 @@ class SequentialOffload:
         self.handles: list = []
         self.onloads = 0
 
-    def attach(self, model: nn.Module) -> None:
+    def attach(self, name: str, model: nn.Module) -> None:
         for module in model.modules():
             own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
             if not own:
@@ -231,31 +231,25 @@ class MemoryOptionsMixin:
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
         """Keep the models on the CPU; each moves whole to the accelerator when called (the previous one goes
         back). Accelerator memory: the largest model, not all; a little slower than `pipe.to("cuda")`."""
-        target = accelerator_device(gpu_id, device)
-        self.remove_all_hooks()
-        self.to("cpu")
-        offload = ModelOffload(target)
-        for name, model in self._model_components():
-            if name in self._exclude_from_cpu_offload:
-                model.to(target)
-            else:
-                offload.attach(name, model)
-        self._offload, self._offload_device = offload, target
+        self._install_offload(ModelOffload, accelerator_device(gpu_id, device))
 
     def enable_sequential_cpu_offload(
         self, gpu_id: int | None = None, device: torch.device | str | None = None
     ) -> None:
         """Keep every weight on the CPU and move each layer's weights to the accelerator only while that layer
         runs. Accelerator memory: about one layer plus activations; much slower than model offload."""
-        target = accelerator_device(gpu_id, device)
+        self._install_offload(SequentialOffload, accelerator_device(gpu_id, device))
+
+    def _install_offload(self, kind, target: torch.device) -> None:
+        """Every model on the CPU with `kind`'s hooks (those excluded from offload go to `target` for good)."""
         self.remove_all_hooks()
         self.to("cpu")
-        offload = SequentialOffload(target)
+        offload = kind(target)
         for name, model in self._model_components():
             if name in self._exclude_from_cpu_offload:
                 model.to(target)
             else:
-                offload.attach(model)
+                offload.attach(name, model)
         self._offload, self._offload_device = offload, target
 
     def maybe_free_model_hooks(self) -> None:

@@ -172,6 +172,11 @@ def chunk_count(tokenizer, prompts: list[str]) -> int:
     return max(len(chunk_tokens(tokenizer, p)) for p in prompts)
 
 
+def chunks_in(embeds: torch.Tensor) -> int:
+    """How many 77-token chunks given embeddings (B, L, D) hold, so that negatives can be encoded to match."""
+    return max(1, embeds.shape[1] // (CHUNK + 2))
+
+
 def encode_prompt_pair(
     tokenizer, text_encoder, prompt: str | list[str], negative_prompt: str | list[str] | None, *,
     batch_size: int, device: torch.device, clip_skip: int | None = None,

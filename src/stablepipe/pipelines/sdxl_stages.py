@@ -200,10 +200,10 @@ def weighted_chunk_count(
 ) -> int:
     """How many 77-token chunks every prompt and negative prompt is encoded in, so that their embeddings line up:
     the most any of them needs, or as many as the given `prompt_embeds` hold."""
-    from stablepipe.pipelines.prompt_weighting import CHUNK, chunk_count
+    from stablepipe.pipelines.prompt_weighting import chunk_count, chunks_in
 
     if prompt_embeds is not None:
-        return max(1, prompt_embeds.shape[1] // (CHUNK + 2))
+        return chunks_in(prompt_embeds)
     lists = [[*texts[i], *(negatives[i] if negatives else [])] for i in range(len(encoders))]
     return max(chunk_count(tokenizer, prompts) for (tokenizer, _), prompts in zip(encoders, lists))
 
