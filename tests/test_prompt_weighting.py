@@ -131,6 +131,33 @@ def test_plain_short_prompt_is_unchanged_by_the_option(sd1):
     assert torch.allclose(skip[0], skip[1], atol=1e-6)
 
 
+def test_a_shorter_tokenizer_gets_chunks_of_its_own_length(tmp_path):
+    """The demo model's tokenizer holds 24 tokens, and its text encoder no more: chunks are BOS + 22 + EOS."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from stablepipe.builtin import write_tiny_tokenizer
+
+    tok = write_tiny_tokenizer(tmp_path, max_length=24)
+    torch.manual_seed(0)
+    encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2,
+        max_position_embeddings=24, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )).eval()
+    word = ids(tok, "x")
+    first, second = chunk_tokens(tok, " ".join(["x"] * 30))
+    assert len(first[0]) == len(second[0]) == 24
+    assert first[0][1:23] == word * 22 and second[0][1:9] == word * 8 and second[0][9] == tok.eos_token_id
+    cpu = torch.device("cpu")
+    with torch.no_grad():
+        long, negative = stages.encode_prompt(tok, encoder, " ".join(["(x:1.2)"] * 30), device=cpu,
+                                              prompt_weighting=True, negative_prompt="")
+        plain = stages.encode_prompt(tok, encoder, "a red circle", device=cpu)[0]
+        weighted = stages.encode_prompt(tok, encoder, "a red circle", device=cpu, prompt_weighting=True)[0]
+    assert long.shape == negative.shape == (1, 48, 32) and plain.shape == (1, 24, 32)
+    assert torch.allclose(plain, weighted, atol=1e-6)
+
+
 def test_long_weighted_embeddings_run_through_the_pipeline_like_diffusers(sd1_folder, sd1):
     """154-token embeddings go through the UNet's cross-attention in both libraries alike."""
     import diffusers

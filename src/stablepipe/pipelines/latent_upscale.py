@@ -69,7 +69,7 @@ def encode_prompt_pooled(
         from stablepipe.pipelines.prompt_weighting import chunk_count, chunks_in
 
         texts = [*(prompts or []), *(negatives or [])]
-        chunks = chunk_count(tokenizer, texts) if prompts is not None else chunks_in(prompt_embeds)
+        chunks = chunk_count(tokenizer, texts) if prompts is not None else chunks_in(prompt_embeds, tokenizer)
     if prompts is not None:
         prompt_embeds, pooled_prompt_embeds = hidden_and_pooled(
             text_encoder, prompts, tokenizer, device=device, chunks=chunks

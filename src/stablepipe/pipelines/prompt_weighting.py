@@ -4,7 +4,8 @@ Syntax: `(words)` weighs words 1.1x, `[words]` 1/1.1x, `(words:1.3)` 1.3x, nesti
 `\\)` (and `\\[`, `\\]`) are literal brackets, and `BREAK` ends the current 75-token chunk. A prompt is
 tokenized into chunks of 75 tokens (each wrapped as BOS + 75 + EOS, the rest padded); a chunk that fills
 up breaks after its last comma when that comma is at most 20 tokens back, as AUTOMATIC1111 does. Each
-chunk is encoded on its own and the chunks are concatenated: (B, 77 * chunks, D).
+chunk is encoded on its own and the chunks are concatenated: (B, 77 * chunks, D). (77 is CLIP's length; a
+tokenizer with another `model_max_length` L gets chunks of L - 2 tokens, L in all.)
 
 Weights are applied to the encoder's output and the mean restored (AUTOMATIC1111's "Original" emphasis):
 z' = z * w, then z' * mean(z) / mean(z'). The mean is taken per prompt and chunk (AUTOMATIC1111 takes it
@@ -17,7 +18,6 @@ import re
 
 import torch
 
-CHUNK = 75  # tokens per chunk between BOS and EOS
 COMMA_BACKTRACK = 20  # a full chunk breaks after its last comma if that is at most this many tokens back
 ROUND, SQUARE = 1.1, 1 / 1.1
 BREAK = object()  # marks a BREAK in a parsed prompt
@@ -26,6 +26,11 @@ TOKENS = re.compile(
     r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|\]|[^\\()\[\]:]+|:"
 )
 BREAK_WORD = re.compile(r"\s*\bBREAK\b\s*")
+
+
+def chunk_size(tokenizer) -> int:
+    """Tokens per chunk between BOS and EOS: 75 for CLIP's tokenizers, `model_max_length - 2` in general."""
+    return tokenizer.model_max_length - 2
 
 
 def parse_prompt_attention(text: str) -> list[tuple[str | object, float]]:
@@ -80,7 +85,7 @@ def chunk_tokens(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
     """The prompt as chunks of 77 token ids (BOS, 75, EOS, padding) with a weight per token."""
     from stablepipe.loading.textual_inversion import expand_prompt
 
-    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma, size = tokenizer.convert_tokens_to_ids(",</w>"), chunk_size(tokenizer)
     chunks: list[tuple[list[int], list[float]]] = []
     tokens: list[int] = []
     weights: list[float] = []
@@ -98,12 +103,12 @@ def chunk_tokens(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
         for token in tokenizer(expand_prompt(tokenizer, text), add_special_tokens=False).input_ids:
             if token == comma:
                 last_comma = len(tokens)
-            elif len(tokens) == CHUNK and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
+            elif len(tokens) == size and last_comma != -1 and len(tokens) - last_comma <= COMMA_BACKTRACK:
                 moved, moved_weights = tokens[last_comma + 1 :], weights[last_comma + 1 :]
                 tokens, weights = tokens[: last_comma + 1], weights[: last_comma + 1]
                 close_chunk()
                 tokens, weights = moved, moved_weights
-            if len(tokens) == CHUNK:
+            if len(tokens) == size:
                 close_chunk()
             tokens.append(token)
             weights.append(weight)
@@ -115,7 +120,7 @@ def chunk_tokens(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
 def wrap_chunk(tokenizer, tokens: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
     """BOS + tokens + EOS, padded to 77 with the tokenizer's pad token (EOS for SD 1.x, "!" for SD 2.x)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    padding = CHUNK - len(tokens)
+    padding = chunk_size(tokenizer) - len(tokens)
     ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [pad] * padding
     return ids, [1.0, *weights, 1.0] + [1.0] * padding
 
@@ -172,9 +177,10 @@ def chunk_count(tokenizer, prompts: list[str]) -> int:
     return max(len(chunk_tokens(tokenizer, p)) for p in prompts)
 
 
-def chunks_in(embeds: torch.Tensor) -> int:
-    """How many 77-token chunks given embeddings (B, L, D) hold, so that negatives can be encoded to match."""
-    return max(1, embeds.shape[1] // (CHUNK + 2))
+def chunks_in(embeds: torch.Tensor, tokenizer) -> int:
+    """How many chunks (77 tokens for CLIP) given embeddings (B, L, D) hold, so that negatives can be encoded to
+    match."""
+    return max(1, embeds.shape[1] // tokenizer.model_max_length)
 
 
 def encode_prompt_pair(

@@ -203,7 +203,7 @@ def weighted_chunk_count(
     from stablepipe.pipelines.prompt_weighting import chunk_count, chunks_in
 
     if prompt_embeds is not None:
-        return chunks_in(prompt_embeds)
+        return chunks_in(prompt_embeds, encoders[0][0])
     lists = [[*texts[i], *(negatives[i] if negatives else [])] for i in range(len(encoders))]
     return max(chunk_count(tokenizer, prompts) for (tokenizer, _), prompts in zip(encoders, lists))
 
