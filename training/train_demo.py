@@ -3,7 +3,8 @@
     python training/train_demo.py --out src/stablepipe/demo_model
 
 Three stages, all seeded (torch.manual_seed, numpy default_rng), on CPU:
-1. a VAE (AutoencoderKL, downscale factor 2, 4 latent channels) learns to reconstruct the pictures;
+1. a VAE (AutoencoderKL, downscale factor 2, 4 latent channels) learns to reconstruct the pictures, and pictures of
+   several shapes anywhere (so that its decoder stays local: see shapes_data.make_vae_pictures);
 2. the pictures are encoded once into latents, scaled to unit variance (the VAE's `scaling_factor`);
 3. a UNet2DConditionModel and a CLIP text encoder learn, jointly and from scratch, to predict v (Salimans & Ho
    2022) on SD's scaled-linear betas rescaled to zero terminal SNR (Lin et al. 2024), with 10 % of captions
@@ -54,6 +55,7 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4,
 SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
+    clip_sample=False,  # DDIM's default clips x0 to [-1, 1]: right for pixels, ruinous for unit-variance latents
 )
 
 
@@ -230,7 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the folder for the final model")
     parser.add_argument("--work", type=Path, default=Path("training/runs/demo"), help="checkpoints and logs")
     parser.add_argument("--images", type=int, default=12000)
-    parser.add_argument("--vae-steps", type=int, default=1200)
+    parser.add_argument("--vae-steps", type=int, default=2400)
     parser.add_argument("--steps", type=int, default=12000, help="UNet + text encoder steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -257,7 +259,10 @@ def main(argv=None) -> None:
     tokenizer = write_tokenizer(args.work / "tokenizer")
     torch.manual_seed(args.seed)
     vae, unet, text_encoder = build_models(tokenizer, cross_attention_everywhere=args.cross_attention_everywhere)
-    vae = train_vae(vae, images, steps=args.vae_steps, batch=16, lr=3e-3, seed=args.seed, log=log)
+    half = len(images) // 2  # the VAE sees captioned scenes and pictures of several shapes, half and half
+    several = shapes_data.make_vae_pictures(len(images) - half, seed=args.seed + 1)
+    vae_pictures = np.concatenate([images[:half], several])
+    vae = train_vae(vae, vae_pictures, steps=args.vae_steps, batch=16, lr=3e-3, seed=args.seed, log=log)
     latents = encode_all(vae, images)  # (N, 4, h, w)
     vae.register_to_config(scaling_factor=round(1.0 / latents.std().item(), 5))
     latents = latents * vae.config.scaling_factor
