@@ -46,6 +46,12 @@ def test_missing_repo_file_offline_names_repo_and_file(sd1_folder, tmp_path):
         stablepipe.StableDiffusionPipeline.from_pretrained("tiny-org/partial", cache_dir=tmp_path)
 
 
+def test_a_mistyped_local_path_is_reported_as_such(tmp_path):
+    missing = tmp_path / "runs" / "step1"
+    with pytest.raises(OSError, match="is neither a local folder \\(no such path\\) nor a Hub repo id"):
+        stablepipe.StableDiffusionPipeline.from_pretrained(str(missing))
+
+
 def test_hub_patterns_pick_one_weight_format_per_component():
     index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "safety_checker": [None, None]}

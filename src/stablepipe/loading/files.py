@@ -23,11 +23,14 @@ def is_local(path_or_repo_id: str | os.PathLike) -> bool:
 def _hub_error(repo_id: str, filename: str, err: Exception) -> Exception:
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        HFValidationError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
+    if isinstance(err, HFValidationError):  # e.g. a mistyped local path: "runs/a/step1" cannot be a repo id
+        return OSError(f"{repo_id!r} is neither a local folder (no such path) nor a Hub repo id (owner/name)")
     if isinstance(err, RepositoryNotFoundError):
         return OSError(f"{repo_id!r} is neither a local folder nor a Hub repo id that exists (or you lack access)")
     if isinstance(err, RevisionNotFoundError):
