@@ -15,7 +15,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-torch.set_num_threads(int(os.environ.get("STABLEPIPE_TEST_THREADS", "1")))  # tiny models: threads cost more than they give
+# tiny models: threads cost more than they give
+torch.set_num_threads(int(os.environ.get("STABLEPIPE_TEST_THREADS", "1")))
 
 SD1_UNET = dict(
     block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=4, out_channels=4,

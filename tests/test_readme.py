@@ -15,7 +15,8 @@ def readme_commands() -> list[str]:
 def test_ci_runs_the_readme_test_command():
     test_command = readme_commands()[1]
     assert "pytest" in test_command
-    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+                if line and not line.startswith(("#", "set ", "cd "))]
     assert ci_lines == [test_command]
 
 

@@ -95,8 +95,9 @@ def test_clip_skip_uses_the_penultimate_layer(sd1_folder):
 def test_generator_list_and_given_latents(sd1_folder):
     ours, theirs = load_both(sd1_folder)
     generators = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    a = ours("x", num_images_per_prompt=2, generator=generators, num_inference_steps=2, height=32, width=32, output_type="np").images
-    single = ours("x", generator=torch.Generator().manual_seed(4), num_inference_steps=2, height=32, width=32, output_type="np").images
+    common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
+    a = ours("x", num_images_per_prompt=2, generator=generators, **common).images
+    single = ours("x", generator=torch.Generator().manual_seed(4), **common).images
     assert max_diff(a[1], single[0]) < 1e-5  # image 2 of the batch is the seed-4 image
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(9))
     diff, _ = run_both(ours, theirs, prompt="x", latents=latents)
@@ -124,7 +125,8 @@ def test_callback_on_step_end_sees_and_replaces_latents(sd1_folder):
         return {"latents": torch.zeros_like(tensors["latents"])}
 
     out = ours("a", num_inference_steps=3, height=32, width=32, output_type="latent", callback_on_step_end=callback,
-               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"], generator=torch.Generator().manual_seed(0))
+               callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
+               generator=torch.Generator().manual_seed(0))
     assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 16, 16) and seen[0][3] == 1
     assert torch.count_nonzero(out.images) == 0
 
@@ -134,7 +136,8 @@ def test_prompt_embeds_input_matches_prompt(sd1_folder):
     embeds, negative = ours.encode_prompt("a dog", torch.device("cpu"), 1, True, negative_prompt="cat")
     common = dict(num_inference_steps=2, height=32, width=32, output_type="np")
     a = ours("a dog", negative_prompt="cat", generator=torch.Generator().manual_seed(0), **common).images
-    b = ours(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0), **common).images
+    b = ours(prompt_embeds=embeds, negative_prompt_embeds=negative, generator=torch.Generator().manual_seed(0),
+             **common).images
     assert max_diff(a, b) < 1e-6
 
 
@@ -143,7 +146,9 @@ def test_components_share_weights(sd1_folder):
     other = stablepipe.StableDiffusionPipeline(**ours.components)
     assert other.unet is ours.unet
     assert other.unet.conv_in.weight.data_ptr() == ours.unet.conv_in.weight.data_ptr()
-    assert set(ours.components) == {"vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor"}
+    assert set(ours.components) == {
+        "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor"
+    }
 
 
 def test_safety_checker_matches_diffusers(sd1_safety_folder):
@@ -170,7 +175,8 @@ def test_saved_folder_loads_in_diffusers_with_same_image(sd2_folder, tmp_path):
     ours = stablepipe.StableDiffusionPipeline.from_pretrained(sd2_folder)
     ours.save_pretrained(tmp_path / "saved")
     index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
-    assert index["unet"] == ["diffusers", "UNet2DConditionModel"] and index["scheduler"] == ["diffusers", "DDIMScheduler"]
+    assert index["unet"] == ["diffusers", "UNet2DConditionModel"]
+    assert index["scheduler"] == ["diffusers", "DDIMScheduler"]
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
     back = stablepipe.StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
     for pipe in (ours, theirs, back):
@@ -185,7 +191,9 @@ def test_fp16_variant_and_dtype(sd1_folder, tmp_path):
     ours = stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder)
     ours.save_pretrained(tmp_path / "v", variant="fp16")
     assert (tmp_path / "v" / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
-    half = stablepipe.StableDiffusionPipeline.from_pretrained(tmp_path / "v", variant="fp16", torch_dtype=torch.bfloat16)
+    half = stablepipe.StableDiffusionPipeline.from_pretrained(
+        tmp_path / "v", variant="fp16", torch_dtype=torch.bfloat16
+    )
     assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     assert half.text_encoder.dtype == torch.bfloat16
     with pytest.raises(FileNotFoundError, match="variant 'fp8'"):
@@ -238,7 +246,8 @@ def test_wrong_and_missing_weights_are_named(sd1_folder, tmp_path):
     state["conv_in.weight"] = torch.zeros(3, 3)
     del state["conv_out.bias"]
     save_file(state, path)
-    with pytest.raises(ValueError, match=r"diffusion_pytorch_model.safetensors.*missing: conv_out.bias.*conv_in.weight"):
+    missing = r"diffusion_pytorch_model.safetensors.*missing: conv_out.bias.*conv_in.weight"
+    with pytest.raises(ValueError, match=missing):
         stablepipe.StableDiffusionPipeline.from_pretrained(broken)
 
 
