@@ -6,10 +6,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training"))
+import shapes_data  # noqa: E402  (the demo model's caption checker)
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +30,22 @@ def stablepipe(*args, env, cwd=None):
 
 
 def test_generate_with_the_builtin_model_writes_png_with_settings(env, tmp_path):
+    """No --model: the demo model draws what the caption says."""
+    from stablepipe.builtin import DEMO_PROMPT
+
     out = tmp_path / "demo.png"
-    run = stablepipe("generate", "a red circle", "--seed", "7", "--steps", "2", "--out", str(out), env=env)
+    run = stablepipe("generate", DEMO_PROMPT, "--seed", "7", "--steps", "20", "--out", str(out), env=env)
     assert run.returncode == 0, run.stderr
-    assert "built-in tiny model" in run.stderr and f"wrote {out} (seed 7)" in run.stdout
+    assert "built-in demo model" in run.stderr and f"wrote {out} (seed 7)" in run.stdout
     image = PIL.Image.open(out)
-    assert image.size == (128, 128)
+    assert image.size == (32, 32)
     settings = json.loads(image.text["stablepipe"])
-    assert settings["prompt"] == "a red circle" and settings["seed"] == 7 and settings["steps"] == 2
-    assert image.text["parameters"].startswith("a red circle\nSteps: 2") and "Seed: 7" in image.text["parameters"]
+    assert settings["prompt"] == DEMO_PROMPT and settings["seed"] == 7 and settings["steps"] == 20
+    assert image.text["parameters"].startswith(f"{DEMO_PROMPT}\nSteps: 20") and "Seed: 7" in image.text["parameters"]
+    found = shapes_data.read_picture(np.asarray(image) / 255, "top left")
+    assert (found["colour"], found["position"], found["background"]) == ("red", "top left", "gray"), found
     again = tmp_path / "again.png"
-    stablepipe("generate", "a red circle", "--seed", "7", "--steps", "2", "--out", str(again), env=env)
+    stablepipe("generate", DEMO_PROMPT, "--seed", "7", "--steps", "20", "--out", str(again), env=env)
     assert np.array_equal(np.asarray(PIL.Image.open(again)), np.asarray(image))  # same seed, same image
 
 
@@ -72,7 +82,7 @@ def test_scheduler_list(env):
 def test_bad_input_exits_nonzero_with_one_line(env, tmp_path, args, message):
     run = stablepipe("generate", "x", "--steps", "1", "--out", str(tmp_path), *args, env=env)
     assert run.returncode != 0
-    lines = [line for line in run.stderr.splitlines() if line.strip() and "built-in tiny model" not in line]
+    lines = [line for line in run.stderr.splitlines() if line.strip() and "No --model given" not in line]
     assert len(lines) == 1 and message in lines[0] and lines[0].startswith("stablepipe generate: error:"), run.stderr
 
 

@@ -57,15 +57,15 @@ def test_ui_and_convert_flags():
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """A fresh stablepipe cache with the built-in tiny model built once up front (the other built-in models
-    derive from it), offline, one thread per process."""
+    """A fresh stablepipe cache with the built-in model and the tiny random one (the other built-in models derive
+    from it) built once up front, offline, one thread per process."""
     cache = tmp_path_factory.mktemp("cache")
     env = {**os.environ, "STABLEPIPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STABLEPIPE_CACHE", str(cache))
-        from stablepipe.builtin import builtin_model_path
+        from stablepipe.builtin import builtin_model_path, random_model_path
 
-        builtin_model_path()
+        builtin_model_path(), random_model_path()
     return env
 
 

@@ -22,7 +22,7 @@ import shapes_data  # noqa: E402
 from stablepipe.builtin import DEMO_MODEL, builtin_model_path  # noqa: E402
 
 STEPS = 20
-GUIDANCE = 7.5
+GUIDANCE = 7.5  # the pipelines' default
 ADHERENCE_THRESHOLD = 0.8  # colour, shape, position and background all right, over the fixed scenes and seeds
 RANDOM_ADHERENCE = 0.25  # a model that ignored its prompt scores below this (see test_checker_rejects_wrong_scenes)
 
@@ -97,24 +97,50 @@ def test_builtin_model_without_demo_weights_is_the_random_model(tmp_path, monkey
 
 
 @needs_demo_model
-def test_inpainting_changes_only_the_masked_quadrant(pipe):
+@pytest.mark.parametrize("seed", range(4))
+def test_image_to_image_recolours_and_keeps_the_layout(pipe, seed):
+    """From a red circle, "a green circle" at strength 0.7: the shape turns green and stays where it was."""
+    from PIL import Image
+
+    from stablepipe.pipelines.img2img import StableDiffusionImg2ImgPipeline
+
+    before = shapes_data.render(shapes_data.Scene("red", "circle", "top left", "gray", "large"))  # (32, 32, 3)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    wanted = shapes_data.Scene("green", "circle", "top left", "gray", "large")
+    after = img2img(
+        wanted.caption, image=Image.fromarray((before * 255).round().astype(np.uint8)), strength=0.7,
+        num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]  # (32, 32, 3)
+    found = shapes_data.read_picture(after, wanted.position)
+    assert (found["colour"], found["position"], found["background"]) == ("green", "top left", "gray"), found
+
+
+@needs_demo_model
+@pytest.mark.parametrize("seed", range(2))
+def test_inpainting_replaces_the_circle_and_nothing_else(pipe, seed):
+    """The top-left quadrant, which holds a red circle, masked with "a green square ... top left": a green square
+    comes there, and the rest of the picture stays as it was."""
     from PIL import Image
 
     from stablepipe.pipelines.inpaint import StableDiffusionInpaintPipeline
 
     before = shapes_data.render(shapes_data.Scene("red", "circle", "top left", "gray", "large"))  # (32, 32, 3)
     mask = np.zeros((32, 32), dtype=np.uint8)
-    mask[16:, 16:] = 255  # repaint the bottom-right quadrant
+    mask[:16, :16] = 255  # repaint the top-left quadrant
     inpaint = StableDiffusionInpaintPipeline(**pipe.components)
-    wanted = shapes_data.Scene("green", "square", "bottom right", "gray", "large")
+    inpaint.set_progress_bar_config(disable=True)
+    wanted = shapes_data.Scene("green", "square", "top left", "gray", "large")
     image = Image.fromarray((before * 255).round().astype(np.uint8))
     after = inpaint(
         wanted.caption, image=image, mask_image=Image.fromarray(mask),
-        num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(0),
+        num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(seed),
         output_type="np",
     ).images[0]  # (32, 32, 3)
     keep = np.ones((32, 32), dtype=bool)
-    keep[14:, 14:] = False  # the mask and a 2-pixel band around it, where latents blend
+    keep[:18, :18] = False  # the mask and a 2-pixel band around it, where latents blend
     assert np.abs(after - before)[keep].mean() < 0.03
-    assert np.abs(after - before)[16:, 16:].mean() > 0.1  # the masked quadrant did change
-    assert shapes_data.read_picture(after, "bottom right")["colour"] == "green"
+    assert np.abs(after - before)[:16, :16].mean() > 0.1  # the masked quadrant did change
+    found = shapes_data.read_picture(after, wanted.position)
+    assert (found["colour"], found["shape"], found["position"]) == ("green", "square", "top left"), found

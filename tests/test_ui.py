@@ -41,7 +41,8 @@ TOLERANCE = 2 / 255  # the server runs on one thread, the tests on their own: fl
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A fresh stablepipe cache holding the built-in tiny model (built here once, then shared with the server)."""
+    """A fresh stablepipe cache holding the built-in demo model (unpacked here once, then shared with the
+    server)."""
     folder = tmp_path_factory.mktemp("stablepipe-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("STABLEPIPE_CACHE", str(folder))
@@ -77,8 +78,8 @@ def test_tabs_share_the_loaded_weights_and_pick_samplers_by_name(manager):
     inpaint = manager.pipeline(stablepipe.StableDiffusionInpaintPipeline, "sd")
     assert img2img.unet is loaded.unet and inpaint.vae is loaded.vae and img2img.text_encoder is loaded.text_encoder
     assert type(img2img.scheduler).__name__ == "EulerAncestralDiscreteScheduler"
-    assert inpaint.scheduler is loaded.scheduler and type(loaded.scheduler).__name__ == "PNDMScheduler"
-    assert manager.default_size("sd") == (128, 128) and manager.default_size("sdxl") == (1024, 1024)
+    assert inpaint.scheduler is loaded.scheduler and type(loaded.scheduler).__name__ == "DDIMScheduler"
+    assert manager.default_size("sd") == (32, 32) and manager.default_size("sdxl") == (1024, 1024)
 
 
 def test_a_tab_without_its_model_says_what_to_load(manager, cache):
@@ -398,7 +399,7 @@ def test_one_generation_at_a_time_and_waiting_users_see_their_place(browser, ser
         page.goto(server[0], wait_until="domcontentloaded")
         sync_api.expect(page.get_by_text("Loaded: builtin")).to_be_visible()
         tabs.append(page.locator("#tab-txt2img"))
-        fill_form(tabs[-1], prompt="a queue", steps=150, seed=seed)  # long enough to queue behind
+        fill_form(tabs[-1], prompt="a queue", steps=150, seed=seed, size=128)  # long enough to queue behind
     for tab in tabs:
         tab.get_by_role("button", name="Generate").click()
     sync_api.expect(tabs[1].get_by_text("queue: 1/1").first).to_be_visible()  # waiting behind the first

@@ -233,7 +233,7 @@ def main(argv=None) -> None:
     parser.add_argument("--work", type=Path, default=Path("training/runs/demo"), help="checkpoints and logs")
     parser.add_argument("--images", type=int, default=12000)
     parser.add_argument("--vae-steps", type=int, default=2400)
-    parser.add_argument("--steps", type=int, default=12000, help="UNet + text encoder steps")
+    parser.add_argument("--steps", type=int, default=7500, help="UNet + text encoder steps")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--save-every", type=int, default=250)

@@ -103,12 +103,23 @@ def random_model_path() -> Path:
     return cached_build(BUILTIN_NAME, build_builtin_pipeline)
 
 
+def demo_model_shipped() -> bool:
+    return (DEMO_MODEL / "model_index.json").is_file()
+
+
 def builtin_model_path() -> Path:
     """The model to use when none is given: the trained demo model, or the tiny random one where the package was
     installed without the demo weights."""
-    if not (DEMO_MODEL / "model_index.json").is_file():
+    if not demo_model_shipped():
         return random_model_path()
     return cached_build(DEMO_NAME, unpack_demo_model)
+
+
+def builtin_model_note() -> str:
+    """What the command line and the web app say when they fall back to the built-in model."""
+    if demo_model_shipped():
+        return f'the built-in demo model (32 x 32 pictures of one shape on a plain background, e.g. "{DEMO_PROMPT}")'
+    return "the built-in tiny model (random weights, the picture is noise)"
 
 
 def unpack_demo_model(folder: str | os.PathLike) -> Path:

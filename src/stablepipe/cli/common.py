@@ -142,12 +142,12 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     import torch
     import transformers
 
-    from stablepipe.builtin import builtin_model_path
+    from stablepipe.builtin import builtin_model_note, builtin_model_path
 
     transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
     model = args.model
     if model is None:
-        say("No --model given: using the built-in tiny model (random weights, the picture is noise).")
+        say(f"No --model given: using {builtin_model_note()}.")
         model = builtin_model_path()
     device, dtype = pick_device_and_dtype(args.device, args.dtype)
     extra = {}

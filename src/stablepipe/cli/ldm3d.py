@@ -49,15 +49,15 @@ def register(commands) -> None:
 
 
 def build_builtin_ldm3d(folder: Path, *, seed: int = 0) -> Path:
-    """The built-in tiny model with a VAE that decodes RGB + depth (the Intel/ldm3d-4c layout)."""
+    """The tiny random model with a VAE that decodes RGB + depth (the Intel/ldm3d-4c layout)."""
     import torch
 
-    from stablepipe.builtin import TINY_VAE, builtin_model_path
+    from stablepipe.builtin import TINY_VAE, random_model_path
     from stablepipe.models.vae import AutoencoderKL
     from stablepipe.pipelines.ldm3d import StableDiffusionLDM3DPipeline
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
 
-    text = StableDiffusionPipeline.from_pretrained(builtin_model_path(), requires_safety_checker=False)
+    text = StableDiffusionPipeline.from_pretrained(random_model_path(), requires_safety_checker=False)
     torch.manual_seed(seed)
     vae = AutoencoderKL(**{**TINY_VAE, "in_channels": 4, "out_channels": 4})
     parts = {k: v for k, v in text.components.items() if k != "vae"}

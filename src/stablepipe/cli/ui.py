@@ -48,12 +48,14 @@ def run(args: argparse.Namespace, say) -> None:
 
 
 def load_models(manager, args: argparse.Namespace, say) -> None:
-    """--model (or the built-in tiny model) and every --load, each into its slot."""
+    """--model (or the built-in model) and every --load, each into its slot."""
     import transformers
+
+    from stablepipe.builtin import builtin_model_note
 
     transformers.utils.logging.disable_progress_bar()
     if args.model is None:
-        say("No --model given: using the built-in tiny model (random weights, the picture is noise).")
+        say(f"No --model given: using {builtin_model_note()}.")
         manager.load("builtin")
     else:
         say(f"Loading {args.model} ...")

@@ -53,11 +53,11 @@ def register(commands) -> None:
 
 
 def tiny_text_parts():
-    """The built-in tiny model's tokenizer and text encoder (hidden size 64)."""
-    from stablepipe.builtin import builtin_model_path
+    """The tiny random model's tokenizer and text encoder (hidden size 64)."""
+    from stablepipe.builtin import random_model_path
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
 
-    text = StableDiffusionPipeline.from_pretrained(builtin_model_path(), requires_safety_checker=False)
+    text = StableDiffusionPipeline.from_pretrained(random_model_path(), requires_safety_checker=False)
     return text.tokenizer, text.text_encoder
 
 

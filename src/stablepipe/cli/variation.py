@@ -36,16 +36,16 @@ def register(commands) -> None:
 
 
 def build_builtin_variation(folder: Path, *, seed: int = 0) -> Path:
-    """The built-in tiny model's VAE, UNet and scheduler with a random 32 px CLIP image encoder (random
+    """The tiny random model's VAE, UNet and scheduler with a random 32 px CLIP image encoder (random
     weights: the picture is noise), saved in the lambdalabs/sd-image-variations-diffusers layout."""
     import torch
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from stablepipe.builtin import builtin_model_path
+    from stablepipe.builtin import random_model_path
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
     from stablepipe.pipelines.variation import StableDiffusionImageVariationPipeline
 
-    text = StableDiffusionPipeline.from_pretrained(builtin_model_path(), requires_safety_checker=False)
+    text = StableDiffusionPipeline.from_pretrained(random_model_path(), requires_safety_checker=False)
     torch.manual_seed(seed)
     config = CLIPVisionConfig(
         hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=32,

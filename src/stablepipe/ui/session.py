@@ -59,13 +59,14 @@ SLOTS = {
 }
 
 
-BUILTIN = "builtin"  # what to type (or pass to `load`) for a slot's built-in tiny model
+BUILTIN = "builtin"  # what to type (or pass to `load`) for a slot's built-in model
 BUILTINS = ("sd", "variation", "x4", "x2", "ldm3d")  # the slots that have one
 
 
 def builtin_path(slot: str) -> Path:
-    """The folder of `slot`'s built-in tiny model (random weights: the picture is noise), built on first use in
-    the stablepipe cache by the same code as the command line's; a ValueError if the slot has none."""
+    """The folder of `slot`'s built-in model (the trained demo model for "sd" where the package ships it, else tiny
+    random weights: the picture is noise), built on first use in the stablepipe cache by the same code as the
+    command line's; a ValueError if the slot has none."""
     from stablepipe.builtin import builtin_model_path
     from stablepipe.cli import common, ldm3d, upscale, variation
 
@@ -137,7 +138,7 @@ class ModelManager:
     def load(self, source: str, *, slot: str | None = None, label: str | None = None) -> str:
         """Load the checkpoint at `source` (Hub id, diffusers folder or single file) into its slot, which is
         detected unless given; returns the slot. Replaces what was there. `label`: its name in the page and the
-        PNGs' settings (default: `source`). "builtin" loads the slot's built-in tiny model (random weights)."""
+        PNGs' settings (default: `source`). "builtin" loads the slot's built-in model (see `builtin_path`)."""
         source = str(source).strip()
         if source == BUILTIN:
             slot, label = slot or "sd", BUILTIN
