@@ -87,6 +87,20 @@ def test_builtin_model_is_the_demo_model(tmp_path, monkeypatch, pipe):
     assert all(torch.equal(a, b) for a, b in zip(builtin.unet.parameters(), pipe.unet.parameters(), strict=True))
 
 
+@needs_demo_model
+def test_diffusers_loads_the_demo_model_and_draws_the_same_picture(pipe):
+    import diffusers
+
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(DEMO_MODEL, torch_dtype=torch.float32,
+                                                               safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    caption = shapes_data.Scene("red", "circle", "top left", "gray", "large").caption
+    kwargs = dict(num_inference_steps=STEPS, guidance_scale=GUIDANCE, output_type="np")
+    expected = theirs(caption, generator=torch.Generator().manual_seed(0), **kwargs).images
+    ours = pipe(caption, generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert np.abs(ours - expected).max() < 1e-5
+
+
 def test_builtin_model_without_demo_weights_is_the_random_model(tmp_path, monkeypatch):
     import stablepipe.builtin as builtin
 

@@ -56,6 +56,7 @@ SCHEDULER_CONFIG = dict(
     beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
     rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction",
     clip_sample=False,  # DDIM's default clips x0 to [-1, 1]: right for pixels, ruinous for unit-variance latents
+    steps_offset=1,  # unused with trailing timesteps; diffusers warns at load time about any other value
 )
 
 
