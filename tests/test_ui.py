@@ -1,5 +1,5 @@
 """The web app: its model manager and runs on their own, then `stablepipe ui` served on 127.0.0.1 with the
-built-in tiny model and driven in headless Chromium (Debian's /usr/bin/chromium) with Playwright."""
+built-in demo model and driven in headless Chromium (Debian's /usr/bin/chromium) with Playwright."""
 
 from __future__ import annotations
 

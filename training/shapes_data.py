@@ -83,8 +83,12 @@ def make_dataset(count: int, *, seed: int) -> tuple[np.ndarray, list[str]]:
     scenes = all_scenes()
     picks = rng.integers(len(scenes), size=count)
     images = np.stack([render(scenes[i], rng) for i in picks])  # (N, H, W, 3)
-    images = np.round(images * 255).astype(np.uint8).transpose(0, 3, 1, 2)  # (N, 3, H, W)
-    return images, [scenes[i].caption for i in picks]
+    return to_uint8_channels_first(images), [scenes[i].caption for i in picks]
+
+
+def to_uint8_channels_first(pictures: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) floats in [0, 1] -> (N, 3, H, W) uint8, as the training scripts store pictures."""
+    return np.round(pictures * 255).astype(np.uint8).transpose(0, 3, 1, 2)
 
 
 def make_vae_pictures(count: int, *, seed: int) -> np.ndarray:
@@ -103,7 +107,7 @@ def make_vae_pictures(count: int, *, seed: int) -> np.ndarray:
             mask = shape_mask(SHAPES[rng.integers(3)], cx, cy, rng.uniform(3.0, 8.0))[..., None]  # (H, W, 1)
             picture = mask * palette[rng.integers(len(palette))] + (1 - mask) * picture
         pictures.append(picture)
-    return np.round(np.stack(pictures) * 255).astype(np.uint8).transpose(0, 3, 1, 2)  # (N, 3, H, W)
+    return to_uint8_channels_first(np.stack(pictures))
 
 
 # ---- the checker: does a picture follow its scene? -------------------------------------------------------------

@@ -82,7 +82,8 @@ def merge_equal_weights(pieces: list[list]) -> list[tuple[str | object, float]]:
 
 
 def chunk_tokens(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
-    """The prompt as chunks of 77 token ids (BOS, 75, EOS, padding) with a weight per token."""
+    """The prompt as chunks of the tokenizer's length (77 for CLIP: BOS, 75, EOS, padding), with a weight per
+    token."""
     from stablepipe.loading.textual_inversion import expand_prompt
 
     comma, size = tokenizer.convert_tokens_to_ids(",</w>"), chunk_size(tokenizer)
@@ -118,7 +119,8 @@ def chunk_tokens(tokenizer, prompt: str) -> list[tuple[list[int], list[float]]]:
 
 
 def wrap_chunk(tokenizer, tokens: list[int], weights: list[float]) -> tuple[list[int], list[float]]:
-    """BOS + tokens + EOS, padded to 77 with the tokenizer's pad token (EOS for SD 1.x, "!" for SD 2.x)."""
+    """BOS + tokens + EOS, padded to the tokenizer's length (77 for CLIP) with its pad token (EOS for SD 1.x, "!"
+    for SD 2.x)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     padding = chunk_size(tokenizer) - len(tokens)
     ids = [tokenizer.bos_token_id, *tokens, tokenizer.eos_token_id] + [pad] * padding
