@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from stablepipe.cli.common import UsageError
 
-COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "variation", "upscale", "ldm3d", "ui", "convert")
+COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "variation", "upscale", "ldm3d", "ui", "serve", "batch", "convert")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -107,3 +107,38 @@ def get_scheduler_class(class_name: str) -> type[SchedulerMixin]:
             "Pick one of these with <Class>.from_config(config), or by name with scheduler_from_name()."
         )
     return SCHEDULER_CLASSES[class_name]
+
+
+# A1111's "Schedule type" (its `scheduler` API field) -> the sigma schedule option it selects
+SCHEDULE_TYPES: dict[str, str | None] = {"Automatic": None, "Karras": "karras", "Exponential": "exponential",
+                                         "Beta": "beta"}
+
+
+def split_a1111_name(name: str) -> tuple[str, str]:
+    """A combined name -> A1111's (sampler, schedule type) as its infotext writes them:
+    'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'), 'Euler a' -> ('Euler a', 'Automatic')."""
+    for schedule in SCHEDULE_TYPES:
+        base = name[: -len(schedule) - 1]
+        if schedule != "Automatic" and name.endswith(" " + schedule) and base in A1111_SCHEDULERS:
+            return base, schedule
+    return name, "Automatic"
+
+
+def join_a1111_name(sampler: str, schedule: str | None = None) -> str:
+    """A1111's (sampler_name, scheduler) fields -> one name `scheduler_from_name` takes.
+
+    Old clients send the schedule in the sampler name ('DPM++ 2M Karras'); that is accepted as is.
+    Raises ValueError naming the known values for an unknown sampler or schedule type.
+    """
+    folded = {key.casefold(): key for key in SCHEDULE_TYPES}
+    schedule_key = folded.get((schedule or "Automatic").strip().casefold())
+    if schedule_key is None:
+        raise ValueError(f"unknown schedule type {schedule!r}; known: {', '.join(SCHEDULE_TYPES)}")
+    _lookup(sampler)  # a clear error for an unknown sampler
+    if schedule_key == "Automatic" or split_a1111_name(sampler)[1] != "Automatic":
+        return sampler
+    combined = f"{sampler} {schedule_key}"
+    if combined.casefold() not in {k.casefold() for k in A1111_SCHEDULERS}:
+        raise ValueError(f"sampler {sampler!r} has no {schedule_key} schedule here; use 'Automatic' or one of: "
+                         + ", ".join(k for k in A1111_SCHEDULERS if k.endswith(schedule_key)))
+    return combined
