@@ -1,52 +1,77 @@
 """DPM-Solver++(2S) SDE on σ with Brownian-tree noise (k-diffusion `sample_dpmpp_sde`).
 
-The noise comes from our own Brownian tree, not from torchsde, so for the same seed it differs from
-diffusers' DPMSolverSDEScheduler (whose tree is torchsde's); the deterministic part is identical.
+The Brownian motion is torchsde's `BrownianInterval`, built as diffusers builds it (tolerance 1e-6, pool of 24,
+halfway tree), so a tree seed gives diffusers' noise bit for bit. torchsde is optional: only this scheduler
+imports it, when it first draws noise.
 """
 
 from __future__ import annotations
-
-import bisect
-import math
 
 import numpy as np
 import torch
 
 from stablepipe.configuration import register_to_config
-from stablepipe.random import randn_tensor
 from stablepipe.schedulers.base import TwoStageSigmaScheduler, repeat_inner
 from stablepipe.schedulers.prediction import x0_from_sigma
 from stablepipe.schedulers.schedules import sigma_to_t, train_sigmas
 
+Seeds = int | list[int]
+
+
+def brownian_interval_class():
+    """torchsde's `BrownianInterval`, or an ImportError that says how to install it."""
+    try:
+        from torchsde import BrownianInterval
+    except ImportError as error:
+        raise ImportError(
+            "DPMSolverSDEScheduler draws its Brownian noise with torchsde (as diffusers does): pip install torchsde"
+        ) from error
+    return BrownianInterval
+
+
+def tree_seeds(generator=None) -> Seeds:
+    """The tree seed(s): one drawn from each generator (a list gives one tree per sample), or, with none, one
+    from torch's global RNG, as diffusers draws it."""
+    if generator is None:
+        return torch.randint(0, 2**63 - 1, []).item()
+    if isinstance(generator, list):
+        return [tree_seeds(g) for g in generator]
+    return torch.randint(0, 2**63 - 1, [], generator=generator, device=generator.device).item()
+
 
 class BrownianTree:
-    """A Brownian motion W on [t0, t1] revealed lazily: each new point is drawn from the Brownian bridge
-    between its known neighbours (Lévy's construction), so overlapping increments stay consistent."""
+    """A Brownian motion W on [t0, t1] with W(t0) = 0, fixed by its seed (diffusers' `BatchedBrownianTree`):
+    one tree for the whole sample, or with a list of seeds one tree per sample along dim 0."""
 
-    def __init__(self, shape, t0: float, t1: float, *, generator=None, dtype=torch.float32, device=None):
-        self.t0, self.t1 = min(t0, t1), max(t0, t1)
-        self._draw = lambda: randn_tensor(tuple(shape), generator=generator, device=device, dtype=dtype)
-        self._times = [self.t0, self.t1]
-        self._values = [torch.zeros(tuple(shape), dtype=dtype, device=device),
-                        self._draw() * math.sqrt(self.t1 - self.t0)]
+    def __init__(self, shape, t0: float, t1: float, *, seed: Seeds | None = None, generator=None,
+                 dtype=torch.float32, device=None):
+        self.t0, self.t1 = sorted((float(t0), float(t1)))
+        seeds = tree_seeds(generator) if seed is None else seed
+        self.batched = isinstance(seeds, list)
+        if self.batched and len(seeds) != shape[0]:
+            raise ValueError(f"got {len(seeds)} noise seeds or generators for {shape[0]} samples; give one per sample")
+        size = tuple(shape)[1:] if self.batched else tuple(shape)
+        interval = brownian_interval_class()
+        self.trees = [
+            interval(t0=self.t0, t1=self.t1, size=size, dtype=dtype, device=device, entropy=s, tol=1e-6,
+                     pool_size=24, halfway_tree=True)
+            for s in (seeds if self.batched else [seeds])
+        ]
+
+    def increment(self, s, t) -> torch.Tensor:
+        """W(t) − W(s), for s and t in [t0, t1] (clamped into it, as torchsde would, without its warning)."""
+        s, t = (min(max(float(x), self.t0), self.t1) for x in (s, t))
+        low, high, sign = (s, t, 1.0) if s < t else (t, s, -1.0)
+        w = torch.stack([tree(low, high) for tree in self.trees]) * sign
+        return w if self.batched else w[0]
 
     def __call__(self, t: float) -> torch.Tensor:
         """W(t), for t clamped into [t0, t1]."""
-        t = min(max(float(t), self.t0), self.t1)
-        i = bisect.bisect_left(self._times, t)
-        if self._times[i] == t:
-            return self._values[i]
-        a, b = self._times[i - 1], self._times[i]
-        w_a, w_b = self._values[i - 1], self._values[i]
-        mean = w_a + (t - a) / (b - a) * (w_b - w_a)
-        value = mean + self._draw() * math.sqrt((t - a) * (b - t) / (b - a))
-        self._times.insert(i, t)
-        self._values.insert(i, value)
-        return value
+        return self.increment(self.t0, t)
 
-    def normalized_increment(self, s: float, t: float) -> torch.Tensor:
+    def normalized_increment(self, s, t) -> torch.Tensor:
         """(W(t) − W(s)) / √|t − s|: a standard normal, correlated with the tree's other increments."""
-        return (self(t) - self(s)) / math.sqrt(abs(float(t) - float(s)))
+        return self.increment(s, t) / (torch.as_tensor(t) - torch.as_tensor(s)).abs().sqrt()
 
 
 class DPMSolverSDEScheduler(TwoStageSigmaScheduler):
@@ -54,8 +79,9 @@ class DPMSolverSDEScheduler(TwoStageSigmaScheduler):
     `sample_dpmpp_sde`): a first stage to the midpoint in t = −log σ, a second from the start to σ_next,
     each an exponential-integrator step to σ_down plus Brownian noise of scale σ_up.
 
-    Noise: a `BrownianTree` seeded by `noise_sampler_seed`, else by the `generator` given to `step`, else by
-    torch's global RNG. It does not reproduce diffusers' torchsde noise for the same seed.
+    Noise: a `BrownianTree` (torchsde) seeded by `noise_sampler_seed` (diffusers' noise for the same seed), else
+    by a seed drawn from the `generator` given to `step` (the same generator, the same picture; a list gives each
+    sample its own tree), else by torch's global RNG (as diffusers, whose `step` takes no generator).
     Stage state: `sample` and `mid_point_sigma`; `noise_sampler` lives for one `set_timesteps`.
     """
 
@@ -101,13 +127,9 @@ class DPMSolverSDEScheduler(TwoStageSigmaScheduler):
         self._reset_position()
 
     def _make_noise_sampler(self, sample: torch.Tensor, generator) -> BrownianTree:
-        if self.noise_sampler_seed is not None:
-            generator = torch.Generator().manual_seed(self.noise_sampler_seed)
-        elif generator is None:
-            generator = torch.Generator().manual_seed(torch.randint(0, 2**63 - 1, []).item())
         positive = self.sigmas[self.sigmas > 0]
-        return BrownianTree(sample.shape, positive.min().item(), self.sigmas.max().item(), generator=generator,
-                            dtype=sample.dtype, device=sample.device)
+        return BrownianTree(sample.shape, positive.min().item(), self.sigmas.max().item(), seed=self.noise_sampler_seed,
+                            generator=generator, dtype=sample.dtype, device=sample.device)
 
     def _sde_stage(self, x0, sample, t, t_target, s_noise):
         """One stage from t = −log σ to t_target (k-diffusion `sample_dpmpp_sde`):
