@@ -50,4 +50,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*_EXPORTS, *globals()])
+    return sorted({*_EXPORTS, *_scheduler_exports(), "__version__"})

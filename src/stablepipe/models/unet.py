@@ -26,6 +26,7 @@ from stablepipe.models.attention import (
 from stablepipe.models.base import ModelMixin
 from stablepipe.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
+from stablepipe.outputs import BaseOutput
 
 # ----------------------------------------------------------------------------------------------------------
 # Blocks. Uniform calls: down block (x, temb, context) -> (x, skips); mid block (x, temb, context) -> x;
@@ -441,7 +442,7 @@ def check_config(c: FrozenConfig) -> None:
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor  # (B, out_channels, H, W): the predicted noise (or v, or x0)
 
 

@@ -16,6 +16,7 @@ from stablepipe.models.attention import FusedProjectionsMixin
 from stablepipe.models.base import ModelMixin
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
 from stablepipe.models.unet import UNetMidBlock2D
+from stablepipe.outputs import BaseOutput
 from stablepipe.random import Generator, randn_tensor
 
 
@@ -45,13 +46,14 @@ class DiagonalGaussianDistribution:
 
 
 @dataclass
-class AutoencoderKLOutput:
+class AutoencoderKLOutput(BaseOutput):
     latent_dist: DiagonalGaussianDistribution
 
 
 @dataclass
-class DecoderOutput:
+class DecoderOutput(BaseOutput):
     sample: torch.Tensor  # (B, out_channels, H, W)
+    commit_loss: torch.Tensor | None = None  # diffusers' field for quantising VAEs; always None here
 
 
 class DownEncoderBlock2D(nn.Module):

@@ -20,22 +20,17 @@ from stablepipe.loading import components as component_loading
 from stablepipe.loading.files import fetch_file, is_local
 from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
+from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines.memory import MemoryOptionsMixin
 
 
 @dataclasses.dataclass
-class StableDiffusionPipelineOutput:
+class StableDiffusionPipelineOutput(BaseOutput):
     """`images`: PIL images, an array (B, H, W, C), a tensor (B, C, H, W) or latents;
     `nsfw_content_detected`: one flag per image, or None when no safety checker ran."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None = None
-
-    def __iter__(self):  # allows `images, flags = pipe(...)` like diffusers' tuple output
-        return iter((self.images, self.nsfw_content_detected))
-
-    def __getitem__(self, index: int):
-        return (self.images, self.nsfw_content_detected)[index]
 
 
 HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxies")

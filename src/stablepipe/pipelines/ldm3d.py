@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from stablepipe.image import OUTPUT_TYPES, ImageInput, denormalize, pil_to_pt, postprocess
 from stablepipe.models.resnet import Downsample2D
 from stablepipe.models.safety import run_safety_checker
+from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import image_stages, stages, upscale
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase, StableDiffusionPipeline
 from stablepipe.random import Generator
@@ -31,7 +32,7 @@ RGBD_CHECKPOINTS = "Intel/ldm3d-4c (or Intel/ldm3d, Intel/ldm3d-pano)"
 
 
 @dataclasses.dataclass
-class LDM3DPipelineOutput:
+class LDM3DPipelineOutput(BaseOutput):
     """`rgb`: PIL RGB images, an array (B, H, W, 3) or a tensor (B, 3, H, W) in [0, 1] (latents for
     output_type="latent"); `depth`: 16-bit grayscale PIL images ("I;16"), an array (B, H, W, 1) or a tensor
     (B, 1, H, W) in [0, 1] (None for latents); `nsfw_content_detected`: one flag per image, or None."""
@@ -39,9 +40,6 @@ class LDM3DPipelineOutput:
     rgb: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     depth: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
     nsfw_content_detected: list[bool] | None = None
-
-    def __getitem__(self, index: int):  # diffusers' BaseOutput: output[0] is rgb
-        return (self.rgb, self.depth, self.nsfw_content_detected)[index]
 
 
 # ---- RGB + depth out of the VAE ----------------------------------------------------------------------------

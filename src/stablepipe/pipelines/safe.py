@@ -18,6 +18,7 @@ import torch
 
 from stablepipe.image import denormalize, postprocess
 from stablepipe.models.safety import black_out, run_safety_checker
+from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import stages
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
@@ -57,7 +58,7 @@ class SafetyConfig:
 
 
 @dataclasses.dataclass
-class StableDiffusionSafePipelineOutput:
+class StableDiffusionSafePipelineOutput(BaseOutput):
     """diffusers' fields. `unsafe_images`: the flagged images as generated (before blacking out), in batch
     order, the same type as `images`; None when no checker ran or nothing was flagged (their index in the batch
     is where `nsfw_content_detected` is True). `applied_safety_concept`: the concept text, or None without SLD."""
@@ -66,11 +67,6 @@ class StableDiffusionSafePipelineOutput:
     nsfw_content_detected: list[bool] | None
     unsafe_images: list[PIL.Image.Image] | np.ndarray | torch.Tensor | None
     applied_safety_concept: str | None
-
-    def __getitem__(self, key: int | str):
-        if isinstance(key, str):
-            return getattr(self, key)
-        return tuple(getattr(self, f.name) for f in dataclasses.fields(self))[key]
 
 
 @dataclasses.dataclass

@@ -17,6 +17,7 @@ import PIL.Image
 import torch
 
 from stablepipe.image import OUTPUT_TYPES, ImageInput, postprocess
+from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import image_stages, sdxl_stages, stages
 from stablepipe.pipelines.inpaint import (
     StableDiffusionInpaintPipeline,
@@ -34,13 +35,10 @@ WATERMARK_WARNING = (
 
 
 @dataclasses.dataclass
-class StableDiffusionXLPipelineOutput:
+class StableDiffusionXLPipelineOutput(BaseOutput):
     """`images`: PIL images, an array (B, H, W, C), a tensor (B, C, H, W) or latents."""
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-
-    def __getitem__(self, index: int):
-        return (self.images,)[index]
 
 
 class StableDiffusionXLBase(StableDiffusionBase):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from stablepipe.configuration import ConfigMixin
+from stablepipe.outputs import BaseOutput
 from stablepipe.random import randn_tensor
 from stablepipe.schedulers.prediction import threshold_sample
 from stablepipe.schedulers.schedules import (
@@ -38,19 +39,12 @@ HUB_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "to
 
 
 @dataclass
-class SchedulerOutput:
+class SchedulerOutput(BaseOutput):
     """The result of `step`: the next sample, and where the scheduler has it, its x₀ estimate."""
 
     prev_sample: torch.Tensor
     pred_original_sample: torch.Tensor | None = None
     denoised: torch.Tensor | None = None  # LCM's name for its x₀ estimate
-
-    def to_tuple(self) -> tuple[torch.Tensor, ...]:
-        fields = (self.prev_sample, self.pred_original_sample, self.denoised)
-        return tuple(f for f in fields if f is not None)
-
-    def __getitem__(self, key: int | str) -> torch.Tensor:
-        return self.to_tuple()[key] if isinstance(key, int) else getattr(self, key)
 
 
 @functools.cache
