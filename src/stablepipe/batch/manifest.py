@@ -1,9 +1,11 @@
 """The output folder of a batch job: images written atomically, and a manifest of the ones done.
 
-`manifest.jsonl` is append-only: a first `job` record (the job file and model settings), then one `done`
-record per image, appended and fsynced only after the image's file has been renamed into place. So a file
-named in the manifest is always whole; a run killed at any point leaves at most temp files (removed on the
-next start) and images not yet recorded (checked and adopted on resume, never drawn twice).
+`manifest.jsonl` holds a first `job` record (the job file and model settings), then one `done` record per
+image, appended and fsynced only after the image's file has been renamed into place. So a file named in the
+manifest is always whole; a run killed at any point leaves at most temp files (removed on the next start), a
+last record cut short (dropped), and images not yet recorded (checked and adopted on resume, never drawn
+twice). A resume checks every recorded file against its size and sha256 and rewrites the manifest (atomically)
+with the records that hold, each image once.
 """
 
 from __future__ import annotations
@@ -71,18 +73,18 @@ class Manifest:
         remove_temp_files(folder)
         path = folder / MANIFEST
         if not path.exists():
-            manifest = cls(folder, job, {})
-            manifest.append({"kind": "job", **job, "created": time.time()})
+            manifest = cls(folder, {"kind": "job", **job, "created": time.time()}, {})
+            manifest.append(manifest.job)
             return manifest
         records = read_records(path)
         done_count = sum(r.get("kind") == "done" for r in records)
         if not resume:
             raise FileExistsError(f"{folder} already holds a batch job ({done_count} images done): pass --resume "
                                   "to draw the missing ones, or give another --out folder")
-        first = records[0] if records else {}
-        check_same_job(first, job, folder)
+        recorded_job = records[0] if records and records[0].get("kind") == "job" else {"kind": "job", **job}
+        check_same_job(recorded_job, job, folder)
         done = {r["id"]: r for r in records if r.get("kind") == "done"}
-        return cls(folder, job, done)
+        return cls(folder, recorded_job, done)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Append one record and fsync it (so a record, once appended, survives a crash)."""
@@ -102,11 +104,13 @@ class Manifest:
         self.done[job_id] = record
 
     def verify(self) -> list[str]:
-        """Forget every done record whose file is missing or not the bytes recorded (it will be drawn again);
-        returns their ids."""
+        """Forget every done record whose file is missing or not the bytes recorded (it will be drawn again),
+        and rewrite the manifest (atomically) with the records that hold, once each; returns the ids dropped."""
         bad = [job_id for job_id, record in self.done.items() if not file_matches(self.folder, record)]
         for job_id in bad:
             del self.done[job_id]
+        lines = [self.job, *self.done.values()]
+        write_atomic(self.path, "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in lines).encode())
         return bad
 
     def pending(self, jobs: Iterable[Any]) -> list[Any]:
@@ -124,19 +128,17 @@ class Manifest:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """The manifest's records; a last line cut short by a kill is dropped (and cut off the file)."""
+    """The manifest's records; a last line cut short by a kill (no newline yet) is left out."""
     data = path.read_bytes()
     complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with open(path, "r+b") as file:
-            file.truncate(len(complete))
     return [json.loads(line) for line in complete.decode("utf-8").splitlines() if line.strip()]
 
 
 def check_same_job(recorded: Mapping[str, Any], job: Mapping[str, Any], folder: Path) -> None:
-    """A resume must use the model settings the job started with, or its images would mix two models."""
+    """A resume must use the model settings the job started with, or its images would mix two models (the
+    job file may change: a changed line has a new id, so it is drawn as a new image)."""
     for key, value in job.items():
-        if key in recorded and recorded[key] != value:
+        if key == "model" and key in recorded and recorded[key] != value:
             raise ValueError(f"{folder / MANIFEST} was made with {key}={recorded[key]!r}, this run has {value!r}: "
                              "resume with the same settings, or give another --out folder")
 
