@@ -136,8 +136,9 @@ def pipeline_kwargs(requests: Sequence[ImageRequest]) -> dict[str, Any]:
     else:
         kwargs.update(image=[r.image for r in requests], strength=first.strength)
     if first.task == "inpaint":
-        kwargs.update(mask_image=[r.mask for r in requests], width=first.width, height=first.height,
-                      padding_mask_crop=first.inpaint_padding)
+        kwargs.update(mask_image=[r.mask for r in requests], width=first.width, height=first.height)
+    if first.inpaint_padding is not None:  # one request (see batch_key): the crop takes one image and mask
+        kwargs.update(image=first.image, mask_image=first.mask, padding_mask_crop=first.inpaint_padding)
     return kwargs
 
 
