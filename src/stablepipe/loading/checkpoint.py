@@ -80,7 +80,9 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> Checkpoint
     try:
         metadata = files.safetensors_metadata(path)
         state = files.read_safetensors(path, dtype)
-    except Exception as err:  # safetensors raises its own error types for every kind of damage
+    except CheckpointError:
+        raise
+    except OSError as err:  # unreadable (permissions, I/O)
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({err}). It is probably truncated or corrupt: "
             "download it again and compare its size or hash with the source."
@@ -96,6 +98,7 @@ def read_pickle(path: Path) -> Checkpoint:
 
 def load_pickle(path: Path) -> Any:
     """Whatever a pickle holds (tensors, containers, numbers, strings), loaded without running code."""
+    check_zip_sizes(path)
     unsafe = unsafe_globals(path)
     blocked = [name for name in unsafe if not name.startswith(IGNORABLE_GLOBAL_PREFIXES)]
     if blocked:
@@ -131,6 +134,34 @@ def corrupt_error(path: Path, err: Exception) -> CheckpointError:
         f"{path} is not a readable checkpoint ({type(err).__name__}: {err}). It is probably truncated or "
         "corrupt: download it again."
     )
+
+
+MAX_COMPRESSION_RATIO = 100  # torch writes zip members uncompressed; a re-zipped file stays far below this
+
+
+def check_zip_sizes(path: Path) -> None:
+    """Refuse a zip-format pickle whose members declare more bytes than the file can hold (nothing is read):
+    each stored member within the file, compressed ones at most `MAX_COMPRESSION_RATIO` times their size."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return
+    file_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as err:
+        raise corrupt_error(path, err) from err
+    for member in members:
+        stored = member.compress_type == zipfile.ZIP_STORED
+        limit = file_size if stored else MAX_COMPRESSION_RATIO * member.compress_size
+        if member.file_size > limit or member.compress_size > file_size:
+            raise CheckpointError(
+                f"{path}: zip member {member.filename!r} declares {member.file_size} bytes, more than the file's "
+                f"{file_size} bytes can hold; the file is corrupt or forged: download it again"
+            )
+    if sum(m.file_size for m in members if m.compress_type == zipfile.ZIP_STORED) > file_size:
+        raise CheckpointError(f"{path}: its zip members declare more bytes than the file has; it is corrupt")
 
 
 def unsafe_globals(path: Path) -> list[str]:
