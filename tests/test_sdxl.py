@@ -14,6 +14,7 @@ from conftest import max_diff
 
 import stablepipe
 from stablepipe.pipelines import sdxl_stages
+from stablepipe.pipelines.arguments import NonFiniteResultError
 
 pytest_plugins = ["fixtures_sdxl"]  # sdxl_folder, sdxl_refiner_folder, sdxl_inpaint_folder
 
@@ -261,9 +262,8 @@ def test_float16_overflow_without_upcast_is_reported(overflowing_vae):
     overflowing_vae.to(torch.float16)
     overflowing_vae.register_to_config(force_upcast=False)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float16)
-    with pytest.warns(RuntimeWarning, match=r"NaN or infinite values for image\(s\) \[0, 1\].*force_upcast=False"):
-        images = sdxl_stages.decode_latents(overflowing_vae, latents)
-    assert torch.isnan(images).any()
+    with pytest.raises(NonFiniteResultError, match=r"NaN or infinite values for image\(s\) \[0, 1\].*upcast=False"):
+        sdxl_stages.decode_latents(overflowing_vae, latents)
 
 
 def test_float16_pipeline_gives_finite_images(sdxl_folder):

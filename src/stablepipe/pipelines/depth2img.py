@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, pil_to_rgb
-from stablepipe.pipelines import image_stages, stages
+from stablepipe.pipelines import arguments, image_stages, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
@@ -55,6 +55,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         )
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

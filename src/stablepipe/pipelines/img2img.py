@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from stablepipe.image import ImageInput
-from stablepipe.pipelines import image_stages, stages
+from stablepipe.pipelines import arguments, image_stages, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
@@ -35,6 +35,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         )
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 
 from stablepipe.image import ImageInput
-from stablepipe.pipelines import image_stages, stages
+from stablepipe.pipelines import arguments, image_stages, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
@@ -49,6 +49,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         return self.unet.config.in_channels != self.vae.config.latent_channels
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

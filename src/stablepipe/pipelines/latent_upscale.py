@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, denormalize, postprocess
-from stablepipe.pipelines import image_stages, stages, upscale
+from stablepipe.pipelines import arguments, image_stages, stages, upscale
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
 from stablepipe.random import Generator
 
@@ -219,6 +219,7 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         return self.vae_scale_factor * upscale.unet_minimum_size(self.unet) // 2
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -24,7 +24,7 @@ from stablepipe.image import OUTPUT_TYPES, ImageInput, denormalize, pil_to_pt, p
 from stablepipe.models.resnet import Downsample2D
 from stablepipe.models.safety import run_safety_checker
 from stablepipe.outputs import BaseOutput
-from stablepipe.pipelines import image_stages, stages, upscale
+from stablepipe.pipelines import arguments, image_stages, stages, upscale
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase, StableDiffusionPipeline
 from stablepipe.random import Generator
 
@@ -196,6 +196,7 @@ class StableDiffusionLDM3DPipeline(RGBDFinish, StableDiffusionPipeline):
         self.register_modules(image_encoder=image_encoder)
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -355,6 +356,7 @@ class StableDiffusionUpscaleLDM3DPipeline(RGBDFinish, StableDiffusionBase):
         )
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

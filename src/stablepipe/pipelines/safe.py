@@ -19,7 +19,7 @@ import torch
 from stablepipe.image import denormalize, postprocess
 from stablepipe.models.safety import black_out, run_safety_checker
 from stablepipe.outputs import BaseOutput
-from stablepipe.pipelines import stages
+from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -174,6 +174,7 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
         return images, flags, postprocess(unsafe, output_type, do_denormalize=keep[: unsafe.shape[0]])
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -18,7 +18,7 @@ import torch
 
 from stablepipe.image import OUTPUT_TYPES, ImageInput, postprocess
 from stablepipe.outputs import BaseOutput
-from stablepipe.pipelines import image_stages, sdxl_stages, stages
+from stablepipe.pipelines import arguments, image_stages, sdxl_stages, stages
 from stablepipe.pipelines.inpaint import (
     StableDiffusionInpaintPipeline,
     check_masked_image_latents,
@@ -183,6 +183,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text-to-image with Stable Diffusion XL (base model; `denoising_end` hands over to the refiner)."""
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -327,6 +328,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
     image-to-image with the base model."""
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -417,6 +419,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

@@ -6,19 +6,18 @@
   `time_ids` (SDXL, Sec. 2.2 and 2.5).
 - The base -> refiner hand-over: `denoising_end` cuts the base's schedule, `denoising_start` starts the
   refiner's at the same training timestep (the "ensemble of expert denoisers" of eDiff-I, Balaji et al. 2022).
-- The VAE in float32 when its config says float16 overflows (`force_upcast`), and NaN output reported.
+- The VAE in float32 when its config says float16 overflows (`force_upcast`), and NaN output refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from stablepipe.pipelines import image_stages, stages
+from stablepipe.pipelines import arguments, image_stages, stages
 from stablepipe.pipelines.stages import Prompt
 
 # ---- prompts ------------------------------------------------------------------------------------------
@@ -418,7 +417,7 @@ def image_latents(
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), undoing `latents_mean`/`latents_std` where the
-    VAE config has them, in float32 when `force_upcast`; warns about NaN or infinite output."""
+    VAE config has them, in float32 when `force_upcast`; NaN or infinite output raises NonFiniteResultError."""
     with vae_upcast(vae):
         latents = latents.to(vae.dtype)
         stats = latents_stats(vae, latents)
@@ -427,20 +426,17 @@ def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
         else:
             latents = latents / vae.config.scaling_factor
         images = vae.decode(latents, return_dict=False)[0]  # (B, 3, H, W)
-    warn_if_not_finite(images, vae)
+    check_finite_images(images, vae)
     return images
 
 
-def warn_if_not_finite(images: torch.Tensor, vae) -> None:
-    """Say which images came out NaN or infinite (they would be black), and what to do about it."""
-    bad = [i for i, ok in enumerate(torch.isfinite(images).flatten(1).all(dim=1).tolist()) if not ok]
-    if not bad:
+def check_finite_images(images: torch.Tensor, vae) -> None:
+    """Raise on NaN or infinite images, saying what to do: the SDXL VAE overflows in float16."""
+    if vae.dtype != torch.float16:
+        stages.check_finite_images(images, vae)
         return
-    warnings.warn(
-        f"the VAE decoded NaN or infinite values for image(s) {bad} (they will come out black). The SDXL VAE "
-        f"overflows in float16 (it runs in {vae.dtype}, force_upcast={vae.config.get('force_upcast')}): keep "
-        "vae.config.force_upcast=True, run the VAE in float32 (pipe.vae.to(torch.float32)), or use a "
-        "float16-safe VAE such as madebyollin/sdxl-vae-fp16-fix.",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+    arguments.check_finite_result(images, stage="the VAE decoder", advice=(
+        f"float16 overflowed in the SDXL VAE (force_upcast={vae.config.get('force_upcast')}): keep "
+        "vae.config.force_upcast=True, run the VAE in float32 (pipe.vae.to(torch.float32)), use "
+        "torch_dtype=torch.bfloat16, or a float16-safe VAE such as madebyollin/sdxl-vae-fp16-fix"
+    ))

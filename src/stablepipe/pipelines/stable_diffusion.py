@@ -9,7 +9,7 @@ import torch
 
 from stablepipe.image import denormalize, postprocess
 from stablepipe.models.safety import run_safety_checker
-from stablepipe.pipelines import stages
+from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
 from stablepipe.random import Generator
 
@@ -106,6 +106,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
     """Text-to-image with Stable Diffusion 1.x and 2.x (epsilon or v-prediction)."""
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

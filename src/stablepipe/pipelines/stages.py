@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from stablepipe.pipelines import arguments
 from stablepipe.random import Generator, randn_tensor
 
 logger = logging.getLogger("stablepipe")
@@ -331,7 +332,20 @@ def denoise(
                 )
             if i == len(timesteps) - 1 or (i + 1 > warmup and (i + 1) % order == 0):
                 bar.update()
+    check_finite_latents(pipe, latents)
     return latents
+
+
+def check_finite_latents(pipe, latents: torch.Tensor) -> None:
+    """The loop's result holds no NaN or inf (else the picture would be black): say what to do instead."""
+    unet_dtype = getattr(getattr(pipe, "unet", None), "dtype", latents.dtype)
+    otherwise = (
+        f"guidance_scale={getattr(pipe, '_guidance_scale', None)} may be too large (7.5 is usual), or a LoRA, "
+        "an embedding or a callback put NaN in"
+    )
+    arguments.check_finite_result(
+        latents, stage="the denoising loop", advice=arguments.precision_advice(unet_dtype, "the UNet", otherwise)
+    )
 
 
 def check_callback_steps(callback_steps: int) -> None:
@@ -378,4 +392,12 @@ def run_step_callback(pipe, callback, names: Sequence[str], i: int, t, latents: 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w)."""
     latents = latents / vae.config.scaling_factor
-    return vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W)
+    check_finite_images(images, vae)
+    return images
+
+
+def check_finite_images(images: torch.Tensor, vae, *, otherwise: str = "check the VAE's weights") -> None:
+    """The VAE decoded no NaN or inf (float16 overflows in some VAEs): raise NonFiniteResultError if it did."""
+    advice = arguments.precision_advice(vae.dtype, "the VAE", otherwise)
+    arguments.check_finite_result(images, stage="the VAE decoder", advice=advice)

@@ -21,7 +21,7 @@ import PIL.Image
 import torch
 
 from stablepipe.image import ImageInput
-from stablepipe.pipelines import image_stages, stages
+from stablepipe.pipelines import arguments, image_stages, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator, randn_tensor
@@ -279,6 +279,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         return batch, tile_spec(tile_size, tile_overlap, multiple=unet_minimum_size(self.unet))
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,

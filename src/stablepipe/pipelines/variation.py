@@ -13,7 +13,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from stablepipe.pipelines import stages
+from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
 from stablepipe.pipelines.stable_diffusion import SAFETY_OFF_WARNING, StableDiffusionBase
 from stablepipe.random import Generator
@@ -86,6 +86,7 @@ class StableDiffusionImageVariationPipeline(StableDiffusionBase):
         return embeds, torch.zeros_like(embeds) if do_classifier_free_guidance else None
 
     @torch.no_grad()
+    @arguments.checked_call
     def __call__(
         self,
         image: VariationImage,
