@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from stablepipe.kernels import use_kernels
 from stablepipe.models.unet import UNet2DConditionModel, unet_stages
 from stablepipe.models.vae import AutoencoderKL
 
@@ -211,7 +212,8 @@ def test_unet_bfloat16_matches_diffusers(tmp_path: Path):
     kwargs = inputs(SDXL)
     kwargs = {k: v.to(torch.bfloat16) if k in ("sample", "encoder_hidden_states") else v for k, v in kwargs.items()}
     kwargs["added_cond_kwargs"] = {k: v.to(torch.bfloat16) for k, v in kwargs["added_cond_kwargs"].items()}
-    expected, got = unet_outputs(ref, ours, kwargs)
+    with use_kernels(False):  # aten's attention, as diffusers; the compiled kernel's error: tests/test_kernels.py
+        expected, got = unet_outputs(ref, ours, kwargs)
     assert got.dtype == torch.bfloat16
     assert max_diff(expected, got) < 1e-2
 

@@ -13,11 +13,15 @@ Feature maps may be channels-last (`model.to(memory_format=torch.channels_last)`
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from stablepipe.kernels.attention import scaled_dot_product_attention
 
 # ---- attention as a function ------------------------------------------------------------------------------
 
@@ -67,10 +71,83 @@ def attention(
     if upcast and dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     if slice_size is None or slice_size >= q.shape[0] * heads:
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, d)
+        out = scaled_dot_product_attention(q, k, v)  # (B, h, N, d): the compiled kernel where it applies
     else:
         out = sliced_attention(q, k, v, slice_size)
     return merge_heads(out).to(dtype)  # (B, N, h*d)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, *, heads: int, upcast: bool = False
+) -> torch.Tensor:
+    """`attention` with an additive `mask` broadcastable to (B, heads, N, M): (B, N, heads*d)."""
+    dtype = q.dtype
+    q, k, v = (split_heads(t, heads) for t in (q, k, v))  # (B, h, N, d), (B, h, M, d) x2
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+    out = scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype))  # (B, h, N, d)
+    return merge_heads(out).to(dtype)  # (B, N, h*d)
+
+
+# ---- attention processors: how an `Attention` module computes, swappable (diffusers' processor API) -------
+
+
+def _flatten_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) feature maps -> (B, HW, C) tokens; tokens stay as they are."""
+    return x.flatten(2).transpose(1, 2) if x.ndim == 4 else x
+
+
+class AttnProcessor2_0:
+    """stablepipe's default: fused scaled dot-product attention (the compiled kernel where it applies).
+
+    Called as diffusers calls its processors, `processor(attn, hidden_states, encoder_hidden_states,
+    attention_mask)`, on (B, N, C) tokens or (B, C, H, W) feature maps (the VAE's attention, which adds its
+    group norm and residual). `attention_mask` is additive, (B, M) or (B, 1, M); diffusers' processors work on
+    stablepipe's `Attention` modules too, and these on diffusers'.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        tokens = _flatten_pixels(hidden_states)  # (B, N, C)
+        if attn.group_norm is not None:
+            tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
+        context = tokens if encoder_hidden_states is None else encoder_hidden_states  # (B, M, C_ctx)
+        if attn.norm_cross is not None:
+            context = attn.norm_encoder_hidden_states(context)
+        q, k, v = attn.project(tokens, context) if hasattr(attn, "project") else _project(attn, tokens, context)
+        out = self.attend(attn, q, k, v, attention_mask)  # (B, N, inner)
+        out = attn.to_out[1](attn.to_out[0](out))  # (B, N, C)
+        return _finish(attn, out, hidden_states)
+
+    def attend(self, attn, q, k, v, attention_mask) -> torch.Tensor:
+        upcast = getattr(attn, "upcast_attention", False)
+        if attention_mask is None:
+            return attention(q, k, v, heads=attn.heads, upcast=upcast, slice_size=getattr(attn, "slice_size", None))
+        mask = attn.prepare_attention_mask(attention_mask, k.shape[1], q.shape[0], out_dim=4)  # (B, h, ., M)
+        return masked_attention(q, k, v, mask, heads=attn.heads, upcast=upcast)
+
+
+class AttnProcessor(AttnProcessor2_0):
+    """Attention written out, softmax(q kᵀ · scale + mask) v through `attn.get_attention_scores`: what
+    `set_default_attn_processor` selects, as in diffusers. Slower than `AttnProcessor2_0`, same result."""
+
+    def attend(self, attn, q, k, v, attention_mask) -> torch.Tensor:
+        mask = attn.prepare_attention_mask(attention_mask, k.shape[1], q.shape[0])  # (B*h, 1, M) or None
+        q, k, v = (attn.head_to_batch_dim(t) for t in (q, k, v))  # (B*h, N, d), (B*h, M, d) x2
+        probs = attn.get_attention_scores(q, k, mask)  # (B*h, N, M)
+        return attn.batch_to_head_dim(torch.bmm(probs, v))  # (B, N, h*d)
+
+
+def _project(attn, tokens: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return attn.to_q(tokens), attn.to_k(context), attn.to_v(context)
+
+
+def _finish(attn, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Tokens back to the input's layout, plus the residual and output rescale of the module's config."""
+    if hidden_states.ndim == 4:
+        out = out.transpose(1, 2).reshape(hidden_states.shape)  # (B, C, H, W)
+    if attn.residual_connection:
+        out = out + hidden_states
+    return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
 
 
 # ---- the attention module -----------------------------------------------------------------------------------
@@ -107,6 +184,14 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
         self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(0.0)])
         self._register_state_dict_hook(_unshare_fused_weights)
+        # what diffusers' processors read from the module (the VAE's attention sets its own)
+        self.scale = dim_head**-0.5
+        self.group_norm: nn.Module | None = None
+        self.norm_cross: nn.Module | None = None
+        self.spatial_norm = self.norm_q = self.norm_k = None
+        self.residual_connection = False
+        self.rescale_output_factor = 1.0
+        self.processor = AttnProcessor2_0()
 
     @property
     def sliceable_head_dim(self) -> int:
@@ -119,11 +204,61 @@ class Attention(nn.Module):
             raise ValueError(f"slice_size must be None or an int in [1, {self.heads}] (heads), got {slice_size!r}")
         self.slice_size = slice_size
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context  # (B, M, C_ctx)
-        q, k, v = self.project(x, context)  # (B, N, inner), (B, M, inner) x2
-        out = attention(q, k, v, heads=self.heads, upcast=self.upcast_attention, slice_size=self.slice_size)
-        return self.to_out[0](out)  # (B, N, C)
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+        **cross_attention_kwargs: Any,
+    ) -> torch.Tensor:
+        """(B, N, C) tokens (or a (B, C, H, W) map) attending to `context` (B, M, C_ctx), or to themselves."""
+        return self.processor(self, x, context, attention_mask, **cross_attention_kwargs)
+
+    def set_processor(self, processor) -> None:
+        self.processor = processor
+
+    def get_processor(self, return_deprecated_lora: bool = False):
+        return self.processor
+
+    # -- what diffusers' processors call on the module ---------------------------------------------------------
+
+    def head_to_batch_dim(self, t: torch.Tensor, out_dim: int = 3) -> torch.Tensor:
+        """(B, N, h*d) -> (B*h, N, d), or (B, h, N, d) with out_dim=4."""
+        heads = split_heads(t, self.heads)  # (B, h, N, d)
+        return heads if out_dim == 4 else heads.flatten(0, 1)
+
+    def batch_to_head_dim(self, t: torch.Tensor) -> torch.Tensor:
+        """(B*h, N, d) -> (B, N, h*d)."""
+        return merge_heads(t.unflatten(0, (-1, self.heads)))
+
+    def get_attention_scores(
+        self, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """softmax(q kᵀ · scale + mask) on (B*h, N, d), (B*h, M, d): (B*h, N, M), in the query's dtype."""
+        dtype = query.dtype
+        if self.upcast_attention:
+            query, key = query.float(), key.float()
+        scores = torch.bmm(query, key.transpose(1, 2)) * self.scale  # (B*h, N, M)
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        return scores.float().softmax(dim=-1).to(dtype)
+
+    def prepare_attention_mask(
+        self, attention_mask: torch.Tensor, target_length: int, batch_size: int, out_dim: int = 3
+    ) -> torch.Tensor:
+        """An additive (B, M) / (B, 1, M) mask padded with zeros to `target_length` keys and repeated per head:
+        (B*h, 1, M) for out_dim=3, (B, h, 1, M) for out_dim=4."""
+        if attention_mask is None:
+            return None
+        if attention_mask.ndim == 2:
+            attention_mask = attention_mask[:, None]  # (B, 1, M)
+        if attention_mask.shape[-1] < target_length:
+            attention_mask = F.pad(attention_mask, (0, target_length - attention_mask.shape[-1]), value=0.0)
+        if out_dim == 4:
+            return attention_mask.unsqueeze(1).repeat_interleave(self.heads, dim=1)  # (B, h, 1, M)
+        if attention_mask.shape[0] < batch_size * self.heads:
+            attention_mask = attention_mask.repeat_interleave(self.heads, dim=0)  # (B*h, 1, M)
+        return attention_mask
+
+    def norm_encoder_hidden_states(self, context: torch.Tensor) -> torch.Tensor:
+        return self.norm_cross(context)
 
     def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v: three projections, or one (two for cross-attention) when fused."""
@@ -252,6 +387,37 @@ class AttentionSlicingMixin:
             layer.set_attention_slice(size)
 
 
+class AttentionProcessorMixin:
+    """diffusers' processor API on a model: `attn_processors`, `set_attn_processor`, `set_default_attn_processor`.
+
+    Processors are named by their module's path plus ".processor" (`down_blocks.1.attentions.0.transformer_blocks
+    .0.attn1.processor`), as in diffusers, so a dict of them built for a diffusers model fits this one."""
+
+    @property
+    def attn_processors(self) -> dict[str, Any]:
+        return {f"{name}.processor": m.processor for name, m in self.named_modules() if isinstance(m, Attention)}
+
+    def set_attn_processor(self, processor) -> None:
+        """One processor for every attention layer, or a dict {name: processor} naming each one."""
+        layers = {f"{name}.processor": m for name, m in self.named_modules() if isinstance(m, Attention)}
+        if isinstance(processor, dict):
+            if len(processor) != len(layers) or set(processor) - set(layers):
+                missing, extra = sorted(set(layers) - set(processor)), sorted(set(processor) - set(layers))
+                raise ValueError(
+                    f"a dict of processors needs one for each of the {len(layers)} attention layers "
+                    f"(see model.attn_processors); missing {missing[:3]}, unknown {extra[:3]}"
+                )
+            for name, layer in layers.items():
+                layer.set_processor(processor[name])
+            return
+        for layer in layers.values():
+            layer.set_processor(processor)
+
+    def set_default_attn_processor(self) -> None:
+        """Back to plain attention (`AttnProcessor`, as diffusers), dropping custom processors."""
+        self.set_attn_processor(AttnProcessor())
+
+
 class FusedProjectionsMixin:
     """`fuse_qkv_projections` / `unfuse_qkv_projections` (diffusers' model methods)."""
 
@@ -268,18 +434,27 @@ class FusedProjectionsMixin:
 # ---- the UNet's transformer -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class AttentionArgs:
+    """What a UNet call passes to every attention layer besides the text: diffusers' `attention_mask` (on the
+    pixels), `encoder_attention_mask` (on the text tokens; both additive, (B, N) / (B, M)) and the
+    `cross_attention_kwargs` for custom processors."""
+
+    attention_mask: torch.Tensor | None = None
+    encoder_attention_mask: torch.Tensor | None = None
+    processor_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def masks_and_kwargs(self) -> tuple[torch.Tensor | None, torch.Tensor | None, dict[str, Any]]:
+        return self.attention_mask, self.encoder_attention_mask, self.processor_kwargs
+
+
 class SpatialSelfAttention(Attention):
     """Self-attention over the pixels of a feature map, with GroupNorm and residual (the VAE's mid block)."""
 
     def __init__(self, channels: int, *, heads: int = 1, norm_num_groups: int = 32, eps: float = 1e-6):
         super().__init__(channels, heads=heads, dim_head=channels // heads, bias=True)
         self.group_norm = nn.GroupNorm(norm_num_groups, channels, eps=eps, affine=True)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        b, c, h, w = x.shape
-        tokens = self.group_norm(x.reshape(b, c, h * w)).transpose(1, 2)  # (B, HW, C)
-        out = super().forward(tokens)  # (B, HW, C)
-        return out.transpose(1, 2).reshape(b, c, h, w) + x
+        self.residual_connection = True  # the processor norms, attends over the pixels, and adds x back
 
 
 class GEGLU(nn.Module):
@@ -336,10 +511,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, attention: AttentionArgs | None = None
+    ) -> torch.Tensor:
         # each sub-layer's output is fresh, so the residual is added into it in place
-        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None).add_(x)  # (B, N, dim)
-        x = self.attn2(self.norm2(x), context).add_(x)
+        mask1, mask2, kwargs = attention.masks_and_kwargs() if attention is not None else (None, None, {})
+        self_context = context if self.only_cross_attention else None
+        x = self.attn1(self.norm1(x), self_context, mask2 if self.only_cross_attention else mask1, **kwargs).add_(x)
+        x = self.attn2(self.norm2(x), context, mask2, **kwargs).add_(x)  # (B, N, dim)
         return self.ff(self.norm3(x)).add_(x)
 
 
@@ -383,10 +562,10 @@ class Transformer2DModel(nn.Module):
         )
         self.proj_out = proj(inner_dim, in_channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionArgs | None = None) -> torch.Tensor:
         tokens, (h, w) = self.tokens_in(self.norm(x)), x.shape[-2:]  # (B, HW, inner)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context)
+            tokens = block(tokens, context, attention)
         return self.tokens_out(tokens, h, w, memory_format_of(x)).add_(x)  # (B, C, H, W)
 
     def tokens_in(self, x: torch.Tensor) -> torch.Tensor:
