@@ -399,6 +399,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
             )
             if denoising_start is None:
                 latents, _ = image_stages.noise_to_timestep(self.scheduler, latents, timesteps[:1], generator=generator)
+        else:
+            sdxl_stages.check_given_latents(latents, image, embeds.prompt_embeds.shape[0], self.vae_scale_factor)
         # 6. Denoise
         cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs)
         latents = stages.denoise(

@@ -415,6 +415,19 @@ def image_latents(
     return latents
 
 
+def check_given_latents(latents: torch.Tensor, image: torch.Tensor, batch_size: int, scale: int) -> None:
+    """img2img's given starting `latents` fit the image: (batch_size, C, h, w) with h, w the image's latent size
+    (`image` is preprocessed: pixels (B, 3, H, W), or latents, whose size is the latent size)."""
+    channels = image.shape[1] if image.shape[1] != 3 else latents.shape[1]
+    size = tuple(image.shape[-2:]) if image.shape[1] != 3 else (image.shape[2] // scale, image.shape[3] // scale)
+    expected = (batch_size, channels, *size)
+    if tuple(latents.shape) != expected:
+        raise ValueError(
+            f"`latents` has shape {tuple(latents.shape)}, expected {expected} for this image and batch; leave "
+            "latents unset to start from the image, or give latents of the image's latent size"
+        )
+
+
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w), undoing `latents_mean`/`latents_std` where the
     VAE config has them, in float32 when `force_upcast`; NaN or infinite output raises NonFiniteResultError."""
