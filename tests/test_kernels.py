@@ -1,6 +1,6 @@
 """The compiled CPU attention kernel: accuracy against float64 and aten, where it runs, and pipelines on both paths.
 
-The kernel is built once per machine into the cache (about 40 s on two cores); later sessions load it.
+The kernel is built once per machine into torch's extension folder (about 40 s on two cores); later runs load it.
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def test_switched_off_by_env_and_by_context(ops, monkeypatch):
 
 def test_failed_build_falls_back_with_one_message(monkeypatch, caplog, tmp_path):
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))  # a new build key, and a compiler that fails
-    monkeypatch.setenv("STABLEPIPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     with caplog.at_level(logging.WARNING, logger="stablepipe.kernels"):
         assert build.compiled_ops.__wrapped__() is None
     messages = [r.getMessage() for r in caplog.records if r.name == "stablepipe.kernels"]

@@ -1,10 +1,11 @@
 """Building the compiled kernels at first use, into the user's cache, for this CPU and this torch only.
 
-The C++ sources in `csrc/` are compiled by `torch.utils.cpp_extension` with `-O3 -march=native`: such a build
-uses every instruction of the CPU it was made on, so its folder is named by a hash of the source, the torch
-version, the compiler and the CPU's model and flags; another CPU (or torch) builds its own. Only x86-64 CPUs
-with AVX-512 get a build (the kernels need it); elsewhere, and when the build fails, `compiled_ops()` returns
-None and PyTorch's own kernels run.
+The C++ sources in `csrc/` are compiled by `torch.utils.cpp_extension` with `-O3 -march=native` into torch's
+extension folder (`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, shared by every stablepipe
+cache). Such a build uses every instruction of the CPU it was made on, so its folder is named by a hash of the
+source, the torch version, the compiler and the CPU's model and flags; another CPU (or torch) builds its own.
+Only x86-64 CPUs with AVX-512 get a build (the kernels need it); elsewhere, and when the build fails,
+`compiled_ops()` returns None and PyTorch's own kernels run.
 """
 
 from __future__ import annotations
@@ -70,10 +71,9 @@ def compiled_ops():
 def _load():
     from torch.utils import cpp_extension
 
-    from stablepipe.builtin import cache_dir
-
     key = build_key()
-    folder = cache_dir() / "kernels" / key
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()  # as torch reads it
+    folder = Path(root, f"stablepipe_kernels_{key}")
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"stablepipe_kernels_{key}", sources=[str(p) for p in SOURCES], extra_cflags=list(FLAGS),
