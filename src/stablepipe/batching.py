@@ -57,10 +57,13 @@ class ImageRequest:
         check_request(self)
 
     def batch_key(self) -> Hashable:
-        """Requests with equal keys can share one pipeline call. A crop-inpaint request (`inpaint_padding`)
-        crops around its own mask, so it never shares (its key is unique)."""
+        """Requests with equal keys can share one pipeline call. An empty negative prompt is part of the key:
+        SDXL guides with zeros for it (`force_zeros_for_empty_prompt`, as diffusers and A1111), only when the
+        whole call has none. A crop-inpaint request (`inpaint_padding`) crops around its own mask, so it never
+        shares (its key is unique)."""
         per_image = ("prompt", "negative_prompt", "seed")
         fields = tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.compare and f.name not in per_image)
+        fields += (not self.negative_prompt,)
         return (fields, id(self)) if self.inpaint_padding is not None else fields
 
 
@@ -127,7 +130,8 @@ def pipeline_kwargs(requests: Sequence[ImageRequest]) -> dict[str, Any]:
     """The keyword arguments of the one pipeline call that draws every request's image."""
     first = requests[0]
     kwargs: dict[str, Any] = {
-        "prompt": [r.prompt for r in requests], "negative_prompt": [r.negative_prompt for r in requests],
+        "prompt": [r.prompt for r in requests],
+        "negative_prompt": None if not first.negative_prompt else [r.negative_prompt for r in requests],
         "num_inference_steps": first.steps, "guidance_scale": first.guidance, "clip_skip": first.clip_skip,
         "generator": [torch.Generator().manual_seed(r.seed) for r in requests], "eta": first.eta,
     }

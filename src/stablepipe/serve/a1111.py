@@ -50,6 +50,7 @@ class Plan:
     extra_params: dict[str, Any]  # infotext settings beyond `infotext_params` (hires, mask blur, ...)
     hires: dict[str, Any] | None = None  # the second pass's settings (txt2img with enable_hr)
     overlay: tuple[list[PIL.Image.Image], list[PIL.Image.Image]] | None = None  # inpaint: originals, masks
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the server's, with override_settings
 
     @property
     def seeds(self) -> list[int]:
@@ -201,7 +202,7 @@ def txt2img_plan(req: Txt2ImgRequest, ctx: Context) -> Plan:
     sampler = resolve_sampler(sampler_name, req.scheduler)
     check_limits(ctx.config, width=req.width, height=req.height, steps=req.steps, images=req.batch_size * req.n_iter)
     requests = image_requests(req, ctx, model, "txt2img", sampler=sampler, options=options)
-    plan = Plan(requests, model, sampler_name, {})
+    plan = Plan(requests, model, sampler_name, {}, options=options)
     if req.enable_hr:
         plan.hires = hires_settings(req, ctx, sampler)
         plan.extra_params = hires_infotext(req, plan.hires)
@@ -288,7 +289,7 @@ def img2img_plan(req: Img2ImgRequest, ctx: Context) -> Plan:
                                   strength=strength)
         refuse_unless("img2img" in model.pipelines, "override_settings.sd_model_checkpoint",
                       f"model {model.name!r} is an inpainting model; send a mask")
-        return Plan(requests, model, sampler_name, {"Resize mode": resize_mode_name(req)})
+        return Plan(requests, model, sampler_name, {"Resize mode": resize_mode_name(req)}, options=options)
     return inpaint_plan(req, ctx, model, sampler, options, per_image, limit)
 
 
@@ -325,7 +326,7 @@ def inpaint_plan(req: Img2ImgRequest, ctx: Context, model: LoadedModel, sampler:
              blur[1], "Mask mode": "Inpaint not masked" if req.inpainting_mask_invert else None,
              "Masked content": "original" if req.inpainting_fill == 1 else "fill"}
     overlay = None if padding is not None else (inits, [mask] * len(inits))  # the crop path pastes back itself
-    return Plan(requests, model, req.sampler_name or req.sampler_index, extra, overlay=overlay)
+    return Plan(requests, model, req.sampler_name or req.sampler_index, extra, overlay=overlay, options=options)
 
 
 def finish_images(plan: Plan, images: list[PIL.Image.Image]) -> list[PIL.Image.Image]:
@@ -350,11 +351,11 @@ def infotext_for(plan: Plan, request: ImageRequest) -> str:
     return format_infotext(request.prompt, request.negative_prompt, ordered)
 
 
-def info_json(plan: Plan, req: GenerationRequest, infotexts: list[str], options: dict[str, Any]) -> str:
+def info_json(plan: Plan, req: GenerationRequest, infotexts: list[str]) -> str:
     """A1111's `info`: a JSON string of what was drawn."""
     first = plan.requests[0]
     hires = plan.hires or {}
-    clip = int(options.get("CLIP_stop_at_last_layers") or 1)
+    clip = int(plan.options.get("CLIP_stop_at_last_layers") or 1)
     return json.dumps({
         "prompt": first.prompt, "all_prompts": [r.prompt for r in plan.requests],
         "negative_prompt": first.negative_prompt, "all_negative_prompts": [r.negative_prompt for r in plan.requests],

@@ -169,7 +169,7 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
             first = [image for image in job.images if image is not None]
             second = await run_in_threadpool(a1111.hires_requests, plan, first)
             job = await draw_plan(server, request, plan, second, deadline)  # infotexts: the first pass + Hires
-        return await respond(server, plan, req, job, ctx.options)
+        return await respond(server, plan, req, job)
 
     @app.post("/sdapi/v1/img2img", response_model=schemas.ImageResponse, responses=ERRORS)
     async def img2img(req: schemas.Img2ImgRequest, request: Request):
@@ -178,7 +178,7 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
         plan = await run_in_threadpool(a1111.img2img_plan, req, ctx)
         check_saving(server, req)
         job = await draw_plan(server, request, plan, plan.requests, server.deadline())
-        return await respond(server, plan, req, job, ctx.options)
+        return await respond(server, plan, req, job)
 
     @app.post("/sdapi/v1/extra-single-image", response_model=schemas.ExtrasSingleImageResponse, responses=ERRORS)
     async def extra_single_image(req: schemas.ExtrasSingleImageRequest, request: Request):
@@ -202,8 +202,7 @@ async def draw_plan(server: Server, request: Request, plan: a1111.Plan, requests
         raise Unsupported("request", str(err)) from None
 
 
-async def respond(server: Server, plan: a1111.Plan, req: schemas.GenerationRequest, job: Job,
-                  options: dict[str, Any]) -> dict[str, Any]:
+async def respond(server: Server, plan: a1111.Plan, req: schemas.GenerationRequest, job: Job) -> dict[str, Any]:
     drawn = [(r, image) for r, image in zip(plan.requests, job.images) if image is not None]
     plan.requests = [r for r, _ in drawn] or plan.requests[:1]
     images = await run_in_threadpool(a1111.finish_images, plan, [image for _, image in drawn])
@@ -216,7 +215,7 @@ async def respond(server: Server, plan: a1111.Plan, req: schemas.GenerationReque
     if "init_images" in parameters:  # A1111 leaves the input images out of the echo
         parameters.update(init_images=None, mask=None)
     return {"images": [base64.b64encode(p).decode("ascii") for p in pngs] if req.send_images else [],
-            "parameters": parameters, "info": a1111.info_json(plan, req, infotexts, options)}
+            "parameters": parameters, "info": a1111.info_json(plan, req, infotexts)}
 
 
 def upscale_work(server: Server, req: schemas.ExtrasSingleImageRequest) -> tuple[Any, str]:

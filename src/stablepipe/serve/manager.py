@@ -74,7 +74,9 @@ def read_pipeline(source: str, config: ServeConfig) -> Any:
     cls = DiffusionPipeline if class_name is None else pipeline_class(class_name)
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(config.dtype)}
     if not config.safety_checker and class_name is not None and "safety_checker" in cls.component_names():
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+        kwargs["safety_checker"] = None
+        if "requires_safety_checker" in cls._config_keys:  # the upscalers have no such setting
+            kwargs["requires_safety_checker"] = False
     pipe = cls.from_single_file(source, **kwargs) if class_name is None else cls.from_pretrained(source, **kwargs)
     if not config.safety_checker and getattr(pipe, "safety_checker", None) is not None:
         pipe.safety_checker = None  # single files: the checker is dropped after loading

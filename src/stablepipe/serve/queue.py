@@ -10,6 +10,7 @@ running and every image of the running call is cancelled, the call stops at the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import math
 import threading
@@ -99,6 +100,7 @@ class RunQueue:
         self.running: list[Job] = []
         self._stop_call = False
         self._closing = False
+        self.call_sizes: collections.Counter[int] = collections.Counter()  # images per pipeline call -> calls
         self._seconds_per_call = 1.0  # running average, for Retry-After
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -212,6 +214,7 @@ class RunQueue:
                 work_job.finished_count = 1
             else:
                 requests = [job.requests[index] for job, index in members]
+                self.call_sizes[len(requests)] += 1
                 images = run_batch(self.pipe_for(requests[0].model), requests, callback=self._on_step)
                 for (job, index), image in zip(members, images):
                     job.images[index] = image
@@ -224,7 +227,7 @@ class RunQueue:
     def _finish(self) -> None:
         with self._cond:
             self.progress.job_no += 1
-            self.progress.started = 0.0
+            self.progress.started, self.progress.sampling_step, self.progress.sampling_steps = 0.0, 0, 0
             finished = [job for job in self.running if job.done or job.cancelled]
             self.jobs = [job for job in self.jobs if job not in finished]
             self.running = []
