@@ -11,6 +11,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +46,13 @@ def register_to_config(init):
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
+        given = set(bound.arguments)
         bound.apply_defaults()
         values = {k: v for k, v in list(bound.arguments.items())[1:] if k not in self.ignore_for_config}
         extra = values.pop("kwargs", None) or {}
+        defaulted = sorted(k for k in values if k not in given)
+        if defaulted:  # as diffusers: another class built from this config takes its own defaults for these
+            extra["_use_default_values"] = defaulted
         self.register_to_config(**values, **extra)
         init(self, *args, **kwargs)
 
@@ -69,6 +74,7 @@ class ConfigMixin:
 
     config_name: str = "config.json"
     ignore_for_config: tuple[str, ...] = ()
+    _deprecated_kwargs: tuple[str, ...] = ()  # old `__init__` names still taken through `**kwargs`
 
     def register_to_config(self, **values: Any) -> None:
         merged = dict(getattr(self, "_config", {}))
@@ -80,6 +86,19 @@ class ConfigMixin:
     def config(self) -> FrozenConfig:
         return self._config
 
+    def __getattr__(self, name: str) -> Any:
+        """Config values read as attributes (`scheduler.beta_start`) work, with diffusers' FutureWarning."""
+        config = self.__dict__.get("_config")
+        if config is not None and name in config and not name.startswith("__"):
+            warnings.warn(
+                f"reading the config value {name!r} as an attribute of {type(self).__name__} is deprecated "
+                f"(as in diffusers); read it from the config: `.config.{name}`",
+                FutureWarning,
+                stacklevel=2,
+            )
+            return config[name]
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
     @classmethod
     def init_keys(cls) -> set[str]:
         parameters = inspect.signature(cls.__init__).parameters
@@ -88,7 +107,9 @@ class ConfigMixin:
     @classmethod
     def from_config(cls, config: dict[str, Any] | None = None, **overrides: Any):
         """Build from any config dict (another class's too); `overrides` win. Unknown keys are kept, unused."""
-        values = {**(config or {}), **overrides}
+        config = dict(config or {})
+        defaulted = set(config.pop("_use_default_values", ()))  # left to this class's own defaults
+        values = {**{k: v for k, v in config.items() if k not in defaulted}, **overrides}
         known = cls.init_keys()
         init_args = {k: v for k, v in values.items() if k in known}
         obj = cls(**init_args)
@@ -118,7 +139,7 @@ class ConfigMixin:
     def save_config(self, folder: str | os.PathLike) -> Path:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        data = {k: _jsonable(v) for k, v in self.config.items()}
+        data = {k: _jsonable(v) for k, v in self.config.items() if k != "_use_default_values"}
         data["_class_name"] = type(self).__name__
         data["_diffusers_version"] = "0.42.1"
         data["_stablepipe_version"] = __version__

@@ -116,10 +116,7 @@ class NormedCrossAttention(Attention):
 
     def __init__(self, query_dim: int, *, cross_attention_dim: int, **kw):
         super().__init__(query_dim, cross_attention_dim=cross_attention_dim, **kw)
-        self.norm_cross = nn.LayerNorm(cross_attention_dim)
-
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return super().forward(x, self.norm_cross(context))
+        self.norm_cross = nn.LayerNorm(cross_attention_dim)  # applied to the context by the processor
 
 
 @dataclass(frozen=True)
@@ -184,7 +181,7 @@ class KDownBlock2D(nn.Module):
         self.resnets = nn.ModuleList(resnet.build(w, out_channels, groups_out=groups_out) for w in widths)
         self.downsamplers = nn.ModuleList([KDownsample2D()]) if add_downsample else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None, attention=None):
         skips: list[torch.Tensor | None] = []
         for i, resnet in enumerate(self.resnets):
             x = self.layer(i, resnet(x, temb), context, temb)  # (B, C_out, H, W)
@@ -255,6 +252,7 @@ class KUpBlock2D(nn.Module):
         temb: torch.Tensor,
         context: torch.Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
+        attention=None,  # the UNet's AttentionArgs; K blocks take no masks or processor arguments
     ) -> torch.Tensor:
         if skips[-1] is not None:
             x = torch.cat([x, skips[-1]], dim=1)  # (B, C + C_skip, H, W)

@@ -18,6 +18,8 @@ from torch import nn
 from stablepipe.configuration import FrozenConfig, register_to_config
 from stablepipe.models import kblocks
 from stablepipe.models.attention import (
+    AttentionArgs,
+    AttentionProcessorMixin,
     AttentionSlicingMixin,
     FusedProjectionsMixin,
     SpatialSelfAttention,
@@ -83,18 +85,19 @@ class DownBlock2D(nn.Module):
         self.downsamplers = nn.ModuleList([down]) if add_downsample else None
 
     def forward(
-        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None,
+        attention: AttentionArgs | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = self.layer(i, resnet(x, temb), context)  # (B, C_out, H, W)
+            x = self.layer(i, resnet(x, temb), context, attention)  # (B, C_out, H, W)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)  # (B, C_out, H/2, W/2)
             skips.append(x)
         return x, skips
 
-    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
         """What follows the i-th residual block (nothing here; attention in the cross-attention variant)."""
         return x
 
@@ -107,8 +110,8 @@ class CrossAttnDownBlock2D(DownBlock2D):
         depths = _per_layer(transformer_layers, len(self.resnets))
         self.attentions = nn.ModuleList(transformer.build(channels[-1], d) for d in depths)
 
-    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        return self.attentions[i](x, context)
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
+        return self.attentions[i](x, context, attention)
 
 
 class UpBlock2D(nn.Module):
@@ -137,15 +140,16 @@ class UpBlock2D(nn.Module):
         temb: torch.Tensor,
         context: torch.Tensor | None = None,
         upsample_size: tuple[int, int] | None = None,
+        attention: AttentionArgs | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
-            x = self.layer(i, resnet(x, temb), context)
+            x = self.layer(i, resnet(x, temb), context, attention)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)  # (B, C_out, 2H, 2W)
         return x
 
-    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
         return x
 
 
@@ -157,8 +161,8 @@ class CrossAttnUpBlock2D(UpBlock2D):
         depths = _per_layer(transformer_layers, len(self.resnets))
         self.attentions = nn.ModuleList(transformer.build(channels[-1], d) for d in depths)
 
-    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-        return self.attentions[i](x, context)
+    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
+        return self.attentions[i](x, context, attention)
 
 
 class UNetMidBlock2D(nn.Module):
@@ -175,7 +179,7 @@ class UNetMidBlock2D(nn.Module):
         count = num_layers if add_attention else 0
         self.attentions = nn.ModuleList(SpatialSelfAttention(channels, **heads_of) for _ in range(count))
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, context=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, context=None, attention=None) -> torch.Tensor:
         x = self.resnets[0](x, temb)
         for i, resnet in enumerate(self.resnets[1:]):
             x = self.attentions[i](x) if len(self.attentions) else x
@@ -191,9 +195,12 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         self.resnets = nn.ModuleList([resnet.build(channels, channels), resnet.build(channels, channels)])
         self.attentions = nn.ModuleList([transformer.build(channels, _per_layer(transformer_layers, 1)[0])])
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None,
+        attention: AttentionArgs | None = None,
+    ) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        return self.resnets[1](self.attentions[0](x, context), temb)  # (B, C, H, W)
+        return self.resnets[1](self.attentions[0](x, context, attention), temb)  # (B, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -446,7 +453,7 @@ class UNet2DConditionOutput(BaseOutput):
     sample: torch.Tensor  # (B, out_channels, H, W): the predicted noise (or v, or x0)
 
 
-class UNet2DConditionModel(AttentionSlicingMixin, FusedProjectionsMixin, ModelMixin):
+class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, FusedProjectionsMixin, ModelMixin):
     """The noise predictor eps(x_t, t, text) of latent diffusion, configured as diffusers' class of that name."""
 
     @register_to_config
@@ -564,26 +571,34 @@ class UNet2DConditionModel(AttentionSlicingMixin, FusedProjectionsMixin, ModelMi
         timestep_cond: torch.Tensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
         cross_attention_kwargs: dict[str, Any] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
         return_dict: bool = True,
     ) -> UNet2DConditionOutput | tuple[torch.Tensor]:
-        """Predict from noisy latents `sample` (B, C, H, W) at `timestep`, attending to the text embeddings."""
-        _check_cross_attention_kwargs(cross_attention_kwargs)
+        """Predict from noisy latents `sample` (B, C, H, W) at `timestep`, attending to the text embeddings.
+
+        `encoder_attention_mask` (B, M): 1 for text tokens to attend to, 0 for those to ignore (`attention_mask`
+        likewise, on the pixels); `cross_attention_kwargs` go to the attention processors, except "scale", the
+        LoRA scale, which the pipelines apply."""
+        attention = _attention_args(sample, attention_mask, encoder_attention_mask, cross_attention_kwargs)
         emb = self.embed(sample, timestep, class_labels, timestep_cond, added_cond_kwargs)  # (B, temb)
         x = self.conv_in(2 * sample - 1.0 if self.config.center_input_sample else sample)  # (B, C0, H, W)
         skips = [x]
         for block in self.down_blocks:
-            x, block_skips = block(x, emb, encoder_hidden_states)
+            x, block_skips = block(x, emb, encoder_hidden_states, attention=attention)
             skips += block_skips
         if self.mid_block is not None:
-            x = self.mid_block(x, emb, encoder_hidden_states)
+            x = self.mid_block(x, emb, encoder_hidden_states, attention=attention)
         exact = any(s % 2**self.num_upsamplers for s in sample.shape[-2:])  # odd sizes: upsample to skip size
-        x = self.run_up_blocks(x, skips, emb, encoder_hidden_states, exact_sizes=exact)
+        x = self.run_up_blocks(x, skips, emb, encoder_hidden_states, exact_sizes=exact, attention=attention)
         if self.conv_norm_out is not None:
             x = self.conv_act(self.conv_norm_out(x))
         out = self.conv_out(x)  # (B, out_channels, H, W)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
 
-    def run_up_blocks(self, x, skips: list[torch.Tensor], emb, context, *, exact_sizes: bool) -> torch.Tensor:
+    def run_up_blocks(
+        self, x, skips: list[torch.Tensor], emb, context, *, exact_sizes: bool, attention: AttentionArgs | None = None
+    ) -> torch.Tensor:
         """The up path, each block taking its skips off the end of `skips`.
 
         With `exact_sizes` each upsampler targets the size of the next skip instead of doubling.
@@ -592,7 +607,7 @@ class UNet2DConditionModel(AttentionSlicingMixin, FusedProjectionsMixin, ModelMi
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if exact_sizes and i < len(self.up_blocks) - 1 else None
-            x = block(x, block_skips, emb, context, size)
+            x = block(x, block_skips, emb, context, size, attention=attention)
         return x
 
     def embed(self, sample, timestep, class_labels=None, timestep_cond=None, added_cond_kwargs=None) -> torch.Tensor:
@@ -640,10 +655,18 @@ def _timesteps(timestep: torch.Tensor | float | int, sample: torch.Tensor) -> to
     return timestep.expand(sample.shape[0])  # (B,)
 
 
-def _check_cross_attention_kwargs(kwargs: dict[str, Any] | None) -> None:
-    unknown = set(kwargs or {}) - {"scale"}
-    if unknown:
-        raise ValueError(
-            f"cross_attention_kwargs keys {sorted(unknown)} are not supported; stablepipe has no attention "
-            "processors (only {'scale': ...}, reserved for LoRA, is accepted)"
-        )
+def _mask_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A keep (1) / discard (0) mask (B, M) as an additive bias (B, 1, M), as diffusers makes it; a float mask
+    of 3 dimensions is taken as a bias already."""
+    if mask is None or mask.ndim == 3:
+        return mask
+    return ((1 - mask.to(dtype)) * -10000.0)[:, None]  # (B, 1, M)
+
+
+def _attention_args(sample, attention_mask, encoder_attention_mask, cross_attention_kwargs) -> AttentionArgs | None:
+    kwargs = {k: v for k, v in (cross_attention_kwargs or {}).items() if k != "scale"}  # scale: LoRA's
+    if attention_mask is None and encoder_attention_mask is None and not kwargs:
+        return None
+    return AttentionArgs(_mask_bias(attention_mask, sample.dtype), _mask_bias(encoder_attention_mask, sample.dtype),
+                         kwargs)
+

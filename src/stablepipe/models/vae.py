@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from stablepipe.configuration import register_to_config
-from stablepipe.models.attention import FusedProjectionsMixin
+from stablepipe.models.attention import AttentionProcessorMixin, FusedProjectionsMixin
 from stablepipe.models.base import ModelMixin
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
 from stablepipe.models.unet import UNetMidBlock2D
@@ -175,7 +175,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))  # (B, out, H, W)
 
 
-class AutoencoderKL(FusedProjectionsMixin, ModelMixin):
+class AutoencoderKL(AttentionProcessorMixin, FusedProjectionsMixin, ModelMixin):
     """The Stable Diffusion VAE, configured as diffusers' `AutoencoderKL`.
 
     `scaling_factor` (and `shift_factor`, `latents_mean`/`latents_std` where set) are for the pipelines:
