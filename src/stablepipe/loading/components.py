@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stablepipe.loading.files import snapshot
+from stablepipe.loading.files import read_json_object, snapshot
 
 # Libraries named in model_index.json whose classes stablepipe implements itself.
 OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stable_diffusion_safe", "stablepipe"}
@@ -84,6 +85,25 @@ def load_transformers_model(
     return model.eval()
 
 
+def read_model_index(path: Path) -> dict[str, Any]:
+    """A pipeline's model_index.json: a JSON object whose component entries are [library, class name] (or nulls)."""
+    index = read_json_object(path)
+    for name, entry in index.items():
+        if isinstance(entry, list) and not is_component_entry(entry):
+            raise ValueError(
+                f"{path}: component {name!r} is {json.dumps(entry)[:80]}, but a component entry is "
+                '[library, class name], e.g. ["diffusers", "UNet2DConditionModel"], or [null, null] for none'
+            )
+    if not isinstance(index.get("_class_name", ""), str):
+        raise ValueError(f"{path}: _class_name must be a string naming the pipeline class, e.g. "
+                         '"StableDiffusionPipeline"')
+    return index
+
+
+def is_component_entry(entry: Any) -> bool:
+    return isinstance(entry, list) and len(entry) == 2 and all(e is None or isinstance(e, str) for e in entry)
+
+
 def load_components(
     root: Path,
     index: dict[str, Any],
@@ -102,7 +122,12 @@ def load_components(
             loaded[name] = given[name]
             continue
         entry = index.get(name)
-        if entry is None or entry == [None, None] or entry[1] is None:
+        if entry is not None and not is_component_entry(entry):
+            raise ValueError(
+                f"{root}/model_index.json: {pipeline_name} needs component {name!r} as [library, class name], "
+                f"e.g. [\"diffusers\", \"UNet2DConditionModel\"], but it is {json.dumps(entry)[:80]}"
+            )
+        if entry is None or entry[1] is None:
             if name not in optional:
                 raise ValueError(
                     f"{pipeline_name} needs a {name!r} component, but {root}/model_index.json has none; "

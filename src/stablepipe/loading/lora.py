@@ -134,8 +134,14 @@ def metadata_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
     raw = metadata.get("lora_adapter_metadata")
     if not raw:
         return {}
-    config = json.loads(raw)
-    return {c: float(config[f"{c}.lora_alpha"]) for c in COMPONENTS if f"{c}.lora_alpha" in config}
+    try:
+        config = json.loads(raw)
+        return {c: float(config[f"{c}.lora_alpha"]) for c in COMPONENTS if f"{c}.lora_alpha" in config}
+    except (ValueError, TypeError, RecursionError) as err:
+        raise ValueError(
+            f"this LoRA file's lora_adapter_metadata is not a JSON object with numeric lora_alpha values ({err}); "
+            "the file is damaged: download it again"
+        ) from None
 
 
 # ---- finding the layers -------------------------------------------------------------------------------------

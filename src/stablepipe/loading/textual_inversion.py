@@ -69,15 +69,24 @@ def token_names(token: str, vectors: int) -> list[str]:
     return [token] + [f"{token}_{i}" for i in range(1, vectors)]
 
 
-def add_embedding(tokenizer, text_encoder, token: str, embedding: torch.Tensor) -> None:
-    """Add `token` (and `token_1` ... for more vectors) to the tokenizer and its rows to the encoder."""
-    vectors = embedding.reshape(-1, embedding.shape[-1])  # (n, D)
+def check_width(embedding: Any, text_encoder, *, encoder_name: str, where: str) -> None:
+    """A clear error when an embedding is not (n, D) vectors or was trained for a text encoder of another width."""
+    if not isinstance(embedding, torch.Tensor) or embedding.ndim not in (1, 2) or not embedding.is_floating_point():
+        shape = tuple(embedding.shape) if isinstance(embedding, torch.Tensor) else type(embedding).__name__
+        raise ValueError(f"{where}: the embedding is {shape}, not floating-point vectors (n, D) or (D,)")
     width = text_encoder.get_input_embeddings().weight.shape[1]
-    if vectors.shape[1] != width:
+    if embedding.shape[-1] != width:
         raise ValueError(
-            f"the embedding for {token!r} is {vectors.shape[1]} wide but this text encoder's is {width}: it was "
-            "trained for another model (SD 1.x: 768, SD 2.x: 1024, SDXL: 768 and 1280)"
+            f"{where}: the embedding is {embedding.shape[-1]} wide but this text encoder's is {width} "
+            f"({encoder_name}): it was trained for another model (SD 1.x: 768, SD 2.x: 1024, SDXL: 768 and 1280); "
+            "load an embedding made for this one"
         )
+
+
+def add_embedding(tokenizer, text_encoder, token: str, embedding: torch.Tensor) -> None:
+    """Add `token` (and `token_1` ... for more vectors) to the tokenizer and its rows to the encoder (whose width
+    `check_width` has checked)."""
+    vectors = embedding.reshape(-1, embedding.shape[-1])  # (n, D)
     names = token_names(token, vectors.shape[0])
     if taken := [n for n in names if n in tokenizer.get_vocab()]:
         raise ValueError(f"token {taken[0]!r} is already in the tokenizer; choose another `token=`")
@@ -129,12 +138,18 @@ class TextualInversionLoaderMixin:
         explicit = tokenizer is not None or text_encoder is not None
         has_second = getattr(self, "text_encoder_2", None) is not None and not explicit
         name, by_encoder = embeddings_by_encoder(data, token, has_second=has_second)
-        if not name:
-            raise ValueError(f"{where}: the file names no token; pass `token=...`")
-        for key, embedding in by_encoder.items():
+        targets = {}
+        for key, embedding in by_encoder.items():  # widths first: a wrong model is the problem to report
             tokenizer_name, encoder_name = SDXL_KEYS[key]
             target_tokenizer = tokenizer if explicit else getattr(self, tokenizer_name, None)
             target_encoder = text_encoder if explicit else getattr(self, encoder_name, None)
             if target_tokenizer is None or target_encoder is None:
-                raise ValueError(f"{type(self).__name__} has no {tokenizer_name} / {encoder_name} to add {name!r} to")
-            add_embedding(target_tokenizer, target_encoder, name, embedding)
+                raise ValueError(f"{type(self).__name__} has no {tokenizer_name} / {encoder_name} to add an "
+                                 f"embedding to")
+            check_width(embedding, target_encoder, encoder_name="the given text encoder" if explicit else
+                        f"{type(self).__name__}.{encoder_name}", where=where)
+            targets[key] = (target_tokenizer, target_encoder)
+        if not name:
+            raise ValueError(f"{where}: the file names no token; pass `token=...`")
+        for key, embedding in by_encoder.items():
+            add_embedding(*targets[key], name, embedding)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from stablepipe.configuration import ConfigMixin
+from stablepipe.loading.dtypes import resolve_dtype
 from stablepipe.loading.files import (
     WEIGHT_NAMES,
     check_state_dict,
@@ -46,6 +47,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         **hub_kwargs: Any,
     ):
         """Build from `config.json` and load the weights with a strict key and shape check."""
+        torch_dtype = resolve_dtype(torch_dtype, hub_kwargs.pop("dtype", None))  # also a name: "float16"
         folder = Path(path_or_repo_id, subfolder or "")
         if not is_local(path_or_repo_id):
             prefix = f"{subfolder}/" if subfolder else ""

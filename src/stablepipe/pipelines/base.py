@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stablepipe.loading import components as component_loading
+from stablepipe.loading.dtypes import resolve_dtype
 from stablepipe.loading.files import fetch_file, is_local
 from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
@@ -45,8 +46,15 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
     # `pipe.prompt_weighting = True`: AUTOMATIC1111's `(word:1.3)` syntax and prompts beyond 77 tokens
     # (passed by `encode_prompt` to `stages.encode_prompt(prompt_weighting=...)`).
     prompt_weighting: bool = False
+    # True where the UNet takes the VAE's latents alone (text-to-image): another kind (an inpainting UNet) is
+    # refused when the pipeline is built, with the pipeline it belongs in.
+    _latent_unet: bool = False
 
     def register_modules(self, **modules: Any) -> None:
+        if self._latent_unet and hasattr(modules.get("unet"), "config") and hasattr(modules.get("vae"), "config"):
+            from stablepipe.pipelines.image_stages import check_unet_channels
+
+            check_unet_channels(modules["unet"], [modules["vae"].config.latent_channels], type(self).__name__)
         for name, module in modules.items():
             object.__setattr__(self, name, module)
         self._component_names = list(dict.fromkeys([*getattr(self, "_component_names", []), *modules]))
@@ -111,10 +119,18 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
         **kwargs: Any,
     ) -> DiffusionPipeline:
         """Load a diffusers folder or Hub repo. Components given as keyword arguments replace the stored ones
-        (`safety_checker=None` turns it off; `scheduler=...` swaps it)."""
+        (`safety_checker=None` turns it off; `scheduler=...` swaps it). `torch_dtype` (or `dtype`) may be a
+        torch dtype or its name ("float16"). `DiffusionPipeline.from_pretrained` builds the pipeline class that
+        model_index.json names in `_class_name`, as diffusers does."""
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
+        torch_dtype = resolve_dtype(torch_dtype, kwargs.pop("dtype", None))
         index_path = fetch_file(path_or_repo_id, "model_index.json", revision=revision, **hub_kwargs)
-        index = json.loads(Path(index_path).read_text())
+        index = component_loading.read_model_index(index_path)
+        if cls is DiffusionPipeline:
+            named = pipeline_class(index.get("_class_name"), where=str(index_path))
+            return named.from_pretrained(
+                path_or_repo_id, torch_dtype=torch_dtype, variant=variant, revision=revision, **hub_kwargs, **kwargs
+            )
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.component_names() or k in cls._config_keys}
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown arguments {sorted(kwargs)}")
@@ -149,6 +165,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
         """
         from stablepipe.loading.single_file import load_pipeline
 
+        torch_dtype = resolve_dtype(torch_dtype, kwargs.pop("dtype", None))
         return load_pipeline(
             cls, path, config=config, prediction_type=prediction_type, torch_dtype=torch_dtype, **kwargs
         )
@@ -183,13 +200,17 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
         warnings.warn(message, stacklevel=3)
 
 
-def pipeline_class(name: str) -> type[DiffusionPipeline]:
-    """The stablepipe pipeline class with diffusers' name `name`."""
+def pipeline_class(name: Any, *, where: str | None = None) -> type[DiffusionPipeline]:
+    """The stablepipe pipeline class with diffusers' name `name` (`where`: the model_index.json it came from)."""
     stablepipe = importlib.import_module("stablepipe")
-    try:
-        found = getattr(stablepipe, name)
-    except AttributeError:
-        raise ValueError(f"stablepipe has no pipeline named {name!r}") from None
-    if not (isinstance(found, type) and issubclass(found, DiffusionPipeline)):
-        raise ValueError(f"{name!r} is not a pipeline class")
-    return found
+    found = getattr(stablepipe, name, None) if isinstance(name, str) else None
+    if isinstance(found, type) and issubclass(found, DiffusionPipeline) and found is not DiffusionPipeline:
+        return found
+    known = sorted(k for k in stablepipe._EXPORTS if "Pipeline" in k and "Output" not in k and k != "DiffusionPipeline")
+    source = f"{where} names _class_name {name!r}" if where else f"{name!r} is not a stablepipe pipeline"
+    if where and name is None:
+        source = f"{where} has no _class_name"
+    raise ValueError(
+        f"{source}; stablepipe's pipelines are {', '.join(known)}. Load it with the pipeline class you want, "
+        "e.g. StableDiffusionPipeline.from_pretrained(...)"
+    )

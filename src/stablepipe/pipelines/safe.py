@@ -119,6 +119,7 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
     """Text-to-image with Safe Latent Diffusion; set `pipe.safety_concept` to steer away from another concept."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
+    _latent_unet = True
 
     def __init__(
         self,

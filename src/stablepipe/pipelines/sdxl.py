@@ -182,6 +182,8 @@ class StableDiffusionXLBase(StableDiffusionBase):
 class StableDiffusionXLPipeline(StableDiffusionXLBase):
     """Text-to-image with Stable Diffusion XL (base model; `denoising_end` hands over to the refiner)."""
 
+    _latent_unet = True
+
     @torch.no_grad()
     @arguments.checked_call
     def __call__(

@@ -105,6 +105,8 @@ class StableDiffusionBase(DiffusionPipeline):
 class StableDiffusionPipeline(StableDiffusionBase):
     """Text-to-image with Stable Diffusion 1.x and 2.x (epsilon or v-prediction)."""
 
+    _latent_unet = True
+
     @torch.no_grad()
     @arguments.checked_call
     def __call__(

@@ -54,6 +54,7 @@ class StableDiffusionImageVariationPipeline(StableDiffusionBase):
 
     _optional_components = ("safety_checker", "feature_extractor")
     _callback_tensor_inputs = ("latents",)
+    _latent_unet = True
 
     def __init__(
         self,
