@@ -215,6 +215,16 @@ class MemoryOptionsMixin:
             for part in (self.vae.encoder, self.vae.decoder):
                 part.compile(**compile_kwargs)
 
+    def enable_step_cache(self, interval: int = 2) -> None:
+        """DeepCache-style step caching (`pipelines/step_cache.py`): the whole UNet runs every `interval`-th step,
+        the steps between reuse its deep features and run only the outermost level. Faster; the picture changes."""
+        from stablepipe.pipelines.step_cache import check_interval
+
+        self._step_cache_interval = check_interval(interval)
+
+    def disable_step_cache(self) -> None:
+        self._step_cache_interval = 1
+
     def disable_torch_compile(self) -> None:
         for _, model in self._model_components():
             for module in model.modules():

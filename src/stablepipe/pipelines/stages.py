@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from stablepipe.pipelines import arguments
+from stablepipe.pipelines.step_cache import step_cached_model
 from stablepipe.random import Generator, randn_tensor
 
 logger = logging.getLogger("stablepipe")
@@ -312,6 +313,7 @@ def denoise(
     `model` replaces `pipe.unet` in the UNet call (the upscalers' tiled UNet, the latent upscaler's denoiser).
     """
     pipe._num_timesteps = len(timesteps)
+    model = step_cached_model(pipe, model)  # a fresh step cache per loop, where `enable_step_cache` asked for one
     order = getattr(pipe.scheduler, "order", 1)
     warmup = len(timesteps) - num_inference_steps * order
     with pipe.progress_bar(total=num_inference_steps) as bar:
