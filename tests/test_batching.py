@@ -37,7 +37,7 @@ def requests_for(task: str, sampler: str) -> list[ImageRequest]:
     if task != "txt2img":
         extra = lambda i: {"image": picture(i), "strength": 0.6, **({"mask": picture(i + 5, mask=True)}  # noqa: E731
                                                                     if task == "inpaint" else {})}
-    return [ImageRequest(task, p, negative_prompt="blurry" if i == 1 else "", seed=100 + 7 * i, width=32,
+    return [ImageRequest(task, p, negative_prompt="blurry" if i == 1 else "dark", seed=100 + 7 * i, width=32,
                          height=32, steps=4, sampler=sampler, guidance=6.0, **extra(i))
             for i, p in enumerate(prompts)]
 
@@ -69,10 +69,11 @@ def test_grouping_keeps_order_and_splits_by_key_and_size():
     def req(seed, steps=4, **kw):
         return ImageRequest("txt2img", "x", seed=seed, width=32, height=32, steps=steps, **kw)
 
-    requests = [req(1), req(2, steps=5), req(3), req(4), req(5, steps=5), req(6, sampler="Euler a")]
+    requests = [req(1), req(2, steps=5), req(3), req(4), req(5, steps=5), req(6, sampler="Euler a"),
+                req(7, negative_prompt="dark")]  # an empty negative prompt is SDXL's zeros: not shared with text
     groups = group_requests(requests, max_batch=2)
-    assert [[r.seed for r in g] for g in groups] == [[1, 3], [2, 5], [4], [6]]
-    assert [[r.seed for r in g] for g in group_requests(requests, max_batch=1)] == [[s] for s in range(1, 7)]
+    assert [[r.seed for r in g] for g in groups] == [[1, 3], [2, 5], [4], [6], [7]]
+    assert [[r.seed for r in g] for g in group_requests(requests, max_batch=1)] == [[s] for s in range(1, 8)]
 
 
 def test_crop_inpaint_requests_never_share_a_call():

@@ -330,6 +330,34 @@ def test_full_queue_answers_503_and_a_gone_client_frees_its_place(manager):
     assert answers[0].status_code == 200
 
 
+def test_time_limit_answers_504_and_saved_images_get_generated_names(manager, tmp_path):
+    app = create_app(limits(timeout=0.5, out_dir=str(tmp_path)), manager=manager)
+    with serving(app) as port:
+        url = f"http://127.0.0.1:{port}/sdapi/v1/txt2img"
+        late = requests.post(url, json={"prompt": PROMPT, "steps": 400, **SIZE})
+        saved = requests.post(url, json={"prompt": PROMPT, "seed": 11, "steps": 2, "save_images": True, **SIZE})
+    assert late.status_code == 504 and "--timeout" in late.json()["detail"]
+    files = list(tmp_path.rglob("*.png"))
+    assert saved.status_code == 200 and len(files) == 1 and files[0].name.endswith("-00001-11.png")
+    assert PIL.Image.open(files[0]).info["parameters"] == json.loads(saved.json()["info"])["infotexts"][0]
+
+
+def test_serve_flags_make_the_config():
+    from stablepipe.cli import build_parser
+    from stablepipe.cli.serve import build_config, is_loopback
+
+    args = build_parser().parse_args(["serve", "--model", "a=/models/a", "--model", "org/b", "--api-auth",
+                                      "u:p,v:q", "--max-pixels", "0", "--max-batch", "4", "--dtype", "float32"])
+    config = build_config(args)
+    assert [m.label for m in config.models] == ["a", "b"] and config.api_auth == (("u", "p"), ("v", "q"))
+    assert (config.max_pixels, config.max_batch, config.dtype, config.timeout) == (None, 4, "float32", 600)
+    assert build_config(build_parser().parse_args(["serve"])).models[0].label == "demo"
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "192.168.1.2")] == [
+        True, True, True, False, False]
+    with pytest.raises(Exception, match="user:password"):
+        build_config(build_parser().parse_args(["serve", "--api-auth", "nopassword"]))
+
+
 # ---- load and fuzzing ---------------------------------------------------------------------------------------------
 
 

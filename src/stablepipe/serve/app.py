@@ -76,11 +76,11 @@ class Server:
 
     # ---- running ------------------------------------------------------------------------------------------
 
-    async def run(self, request: Request, job: Job, deadline: float | None) -> Job:
+    async def run(self, request: Request, job: Job, deadline: float | None, *, bounded: bool = True) -> Job:
         """Queue `job` and wait for it; a client that goes away or a deadline that passes cancels it."""
         loop = asyncio.get_running_loop()
         job.loop, job.future = loop, loop.create_future()
-        self.queue.submit(job)
+        self.queue.submit(job, bounded=bounded)
         while not job.future.done():
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
@@ -95,8 +95,9 @@ class Server:
             raise job.error
         return job
 
-    async def draw(self, request: Request, requests: list[ImageRequest], deadline: float | None) -> Job:
-        return await self.run(request, Job(list(requests)), deadline)
+    async def draw(self, request: Request, requests: list[ImageRequest], deadline: float | None, *,
+                   bounded: bool = True) -> Job:
+        return await self.run(request, Job(list(requests)), deadline, bounded=bounded)
 
     def deadline(self) -> float | None:
         return None if self.config.timeout is None else time.monotonic() + self.config.timeout
@@ -164,11 +165,11 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
         plan = a1111.txt2img_plan(req, ctx)
         check_saving(server, req)
         deadline = server.deadline()
-        job = await draw_plan(server, request, plan, plan.requests, deadline)
+        job = await draw_plan(server, request, plan.requests, deadline)
         if plan.hires is not None and not job.interrupted:
             first = [image for image in job.images if image is not None]
             second = await run_in_threadpool(a1111.hires_requests, plan, first)
-            job = await draw_plan(server, request, plan, second, deadline)  # infotexts: the first pass + Hires
+            job = await draw_plan(server, request, second, deadline, bounded=False)  # infotext: 1st pass
         return await respond(server, plan, req, job)
 
     @app.post("/sdapi/v1/img2img", response_model=schemas.ImageResponse, responses=ERRORS)
@@ -177,7 +178,7 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
         ctx = server.context()
         plan = await run_in_threadpool(a1111.img2img_plan, req, ctx)
         check_saving(server, req)
-        job = await draw_plan(server, request, plan, plan.requests, server.deadline())
+        job = await draw_plan(server, request, plan.requests, server.deadline())
         return await respond(server, plan, req, job)
 
     @app.post("/sdapi/v1/extra-single-image", response_model=schemas.ExtrasSingleImageResponse, responses=ERRORS)
@@ -194,11 +195,12 @@ def check_saving(server: Server, req: schemas.GenerationRequest) -> None:
         raise Unsupported("save_images", "this server saves no images (it was started without --out)")
 
 
-async def draw_plan(server: Server, request: Request, plan: a1111.Plan, requests: list[ImageRequest],
-                    deadline: float | None) -> Job:
+async def draw_plan(server: Server, request: Request, requests: list[ImageRequest], deadline: float | None, *,
+                    bounded: bool = True) -> Job:
+    """The job drawing `requests`; a pipeline's own check on its input is a 422."""
     try:
-        return await server.draw(request, requests, deadline)
-    except ValueError as err:  # a pipeline's check on its input
+        return await server.draw(request, requests, deadline, bounded=bounded)
+    except ValueError as err:
         raise Unsupported("request", str(err)) from None
 
 

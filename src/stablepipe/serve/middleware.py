@@ -8,6 +8,8 @@ import json
 import secrets
 from collections.abc import Sequence
 
+from starlette.exceptions import HTTPException
+
 
 async def send_json(send, status: int, detail: str, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
     body = json.dumps({"detail": detail}).encode()
@@ -44,8 +46,11 @@ class BasicAuth:
         await self.app(scope, receive, send)
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyTooLarge(HTTPException):
+    """Raised while the body streams in; FastAPI answers it as a 413 when it is reading the body."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__(413, f"the body is over {max_bytes} bytes")
 
 
 class BodyLimit:
@@ -69,7 +74,7 @@ class BodyLimit:
             message = await receive()
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise BodyTooLarge()
+                raise BodyTooLarge(self.max_bytes)
             return message
 
         async def watched_send(message):

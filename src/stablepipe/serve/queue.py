@@ -107,11 +107,12 @@ class RunQueue:
 
     # ---- clients ------------------------------------------------------------------------------------------
 
-    def submit(self, job: Job) -> Job:
-        """Queue `job` (FIFO), or raise QueueFull."""
+    def submit(self, job: Job, *, bounded: bool = True) -> Job:
+        """Queue `job` (FIFO), or raise QueueFull. `bounded=False`: the next stage of a request that already
+        had its place (the hires fix's second pass) is never refused."""
         with self._cond:
             waiting = sum(1 for j in self.jobs if not j.started)
-            if waiting >= self.max_queue:
+            if bounded and waiting >= self.max_queue:
                 calls = math.ceil((waiting + 1) / self.max_batch)
                 raise QueueFull(waiting, max(1, math.ceil(self._seconds_per_call * calls)))
             self.jobs.append(job)
