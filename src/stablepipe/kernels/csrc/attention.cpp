@@ -48,15 +48,20 @@ constexpr int LANES = 16;       // keys per vector of scores
 constexpr int BLOCK_GROUPS = 4; // key vectors per key block (64 keys)
 constexpr int MAX_CHUNKS = 5;   // 16-dim output chunks per pass of P v (ROWS x 5 accumulators)
 
-// 2^t for t <= 0 (t = log2(e) * (s - m)): t = n + f with f in [-1/2, 1/2], 2^f by its degree-6 Taylor polynomial
-// in f ln 2 (relative error < 2e-7), then scaled by 2^n.
+// 2^t for t <= 0 (t = log2(e) * (s - m)): t = n + f with f in [-1/2, 1/2], 2^f by its Taylor polynomial in
+// f ln 2, then scaled by 2^n. Degree 6 (relative error < 2e-7) for float32; degree 4 (< 5e-5, far below the
+// 4e-3 of rounding P to bfloat16) for bfloat16.
+template <int DEGREE>
 inline __m512 exp2_neg(__m512 t) {
   t = _mm512_max_ps(t, _mm512_set1_ps(-126.0f));
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
+  if (DEGREE >= 6) {
+    p = _mm512_set1_ps(1.5403530393381606e-4f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  }
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
@@ -78,7 +83,7 @@ struct Head {
   float log2e_scale;   // softmax scale times log2(e)
 };
 
-// Per-thread scratch: the running output, max and sum of a task's rows, a micro-tile's probabilities.
+// Per-thread scratch: the running output, max and sum (16 partial sums) of a task's rows, a micro-tile's P.
 template <typename T>
 struct Scratch {
   std::vector<float> out, max, sum;
@@ -169,12 +174,13 @@ inline void softmax_block(__m512 (&acc)[ROWS][BLOCK_GROUPS], int last_lanes, flo
     __m512 e[BLOCK_GROUPS + 1];
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) {
-      e[g] = exp2_neg(_mm512_fmsub_ps(acc[r][g], s, shift));
+      e[g] = exp2_neg<std::is_same<T, float>::value ? 6 : 4>(_mm512_fmsub_ps(acc[r][g], s, shift));
       if (g == G - 1) e[g] = _mm512_maskz_mov_ps(valid, e[g]);
       total = _mm512_add_ps(total, e[g]);
     }
     e[G] = zero;
-    sum[r] = sum[r] * alpha[r] + _mm512_reduce_add_ps(total);
+    float* sum_r = sum + r * LANES;  // the row's sum, kept as 16 partial sums (added up at the end)
+    _mm512_storeu_ps(sum_r, _mm512_fmadd_ps(_mm512_loadu_ps(sum_r), _mm512_set1_ps(alpha[r]), total));
 #pragma GCC unroll 2
     for (int g = 0; g < G; g += 2) store_p(p + r * BLOCK_GROUPS * LANES + g * LANES, e[g], e[g + 1]);
   }
@@ -309,7 +315,7 @@ void tile_block(const Head<T>& h, Scratch<T>& s, const T* q, int64_t q_stride, i
   float alpha[ROWS];
   const int64_t r0 = tile * ROWS;
   softmax_block<T, G>(acc, static_cast<int>(valid - (G - 1) * LANES), h.log2e_scale, s.max.data() + r0,
-                      s.sum.data() + r0, s.p, alpha);
+                      s.sum.data() + r0 * LANES, s.p, alpha);
   pv<T>(s.p, block_values(h, key0), value_stride(h), block_steps(h, G, valid), s.out.data() + r0 * h.dim, h.dim,
         alpha);
 }
@@ -336,7 +342,7 @@ void run_task(const Head<T>& h, Scratch<T>& s) {
   const int64_t tiles = (h.rows + ROWS - 1) / ROWS, padded = tiles * ROWS;
   s.out.assign(padded * h.dim, 0.0f);
   s.max.assign(padded, -std::numeric_limits<float>::infinity());
-  s.sum.assign(padded, 0.0f);
+  s.sum.assign(padded * LANES, 0.0f);
   const int64_t short_rows = h.rows - (tiles - 1) * ROWS;
   if (short_rows < ROWS) {  // the last micro-tile's rows, zero-padded to ROWS
     s.q_pad.assign(ROWS * h.dim, T(0));
@@ -353,7 +359,8 @@ void run_task(const Head<T>& h, Scratch<T>& s) {
     }
   }
   for (int64_t r = 0; r < h.rows; ++r)
-    store_row(h.out + r * h.out_stride, s.out.data() + r * h.dim, 1.0f / s.sum[r], h.dim);
+    store_row(h.out + r * h.out_stride, s.out.data() + r * h.dim,
+              1.0f / _mm512_reduce_add_ps(_mm512_loadu_ps(s.sum.data() + r * LANES)), h.dim);
 }
 
 // ---- packing ----------------------------------------------------------------------------------------------------
