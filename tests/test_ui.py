@@ -125,7 +125,9 @@ def test_a_run_writes_pngs_with_settings_and_the_image_of_the_pipeline(manager, 
     assert [p.name for p in result.files] == ["00000-11.png", "00001-12.png"] and result.seeds == [11, 12]
     saved = PIL.Image.open(result.files[1])
     assert saved.size == (64, 32)
-    assert saved.text["parameters"].startswith("a red circle\nSteps: 2, Scheduler: DDIM, Guidance: 6.0, Seed: 12")
+    assert saved.text["parameters"].startswith(
+        "a red circle\nSteps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 6, Seed: 12, Size: 64x32, "
+        "Model hash: ")
     assert "**Seeds: 11, 12**" in result.describe() and "Model: builtin" in result.describe()
     pipe = builtin_pipe(cache)
     pipe.scheduler = stablepipe.DDIMScheduler.from_config(pipe.scheduler.config)

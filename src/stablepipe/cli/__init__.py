@@ -15,7 +15,9 @@ from collections.abc import Sequence
 
 from stablepipe.cli.common import UsageError
 
-COMMANDS = ("generate", "img2img", "inpaint", "depth2img", "variation", "upscale", "ldm3d", "ui", "serve", "batch", "convert")
+COMMANDS = (
+    "generate", "img2img", "inpaint", "depth2img", "variation", "upscale", "ldm3d", "ui", "serve", "batch", "convert",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,11 +56,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(message, file=sys.stderr)
 
     try:
-        report = args.run(args, say)
-    except (UsageError, ValueError, TypeError, FileNotFoundError, OSError) as err:
-        if os.environ.get("STABLEPIPE_DEBUG"):
+        report = run_command(args, say)
+    except KeyboardInterrupt:  # Ctrl-C: one line; files are written atomically, so none is left half-written
+        print(f"stablepipe {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (UsageError, ValueError, TypeError, OSError, FloatingPointError, MemoryError, RuntimeError) as err:
+        # FloatingPointError: a NaN / inf picture, with what to do about it
+        if os.environ.get("STABLEPIPE_DEBUG") or (isinstance(err, RuntimeError) and not is_out_of_memory(err)):
             raise
-        print(f"stablepipe {args.command}: error: {err}", file=sys.stderr)
+        print(f"stablepipe {args.command}: error: {one_line(err)}", file=sys.stderr)
         return 2
     if report is None:
         return 0
@@ -68,3 +74,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         for entry in report.get("files", []):
             print(f"wrote {entry['path']} (seed {entry['seed']})")
     return 0
+
+
+def run_command(args: argparse.Namespace, say):
+    """The checks every command shares (--from-png, sizes, a prompt), then the command."""
+    from stablepipe.cli.common import check_size_flags
+
+    if getattr(args, "from_png", None):
+        from stablepipe.cli.from_png import apply_png
+
+        apply_png(args, say)
+    check_size_flags(args)
+    if hasattr(args, "overwrite") and hasattr(args, "num_images"):  # an existing --out is refused before any work
+        from stablepipe.cli.common import output_paths
+
+        output_paths(args.out, [0] * max(args.num_images, 1), overwrite=args.overwrite)
+    if hasattr(args, "prompt") and args.prompt is None:
+        raise UsageError("give a PROMPT, or --from-png FILE to take the prompt and settings from a picture")
+    return args.run(args, say)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """torch's CUDA / CPU allocation failures (RuntimeError subclasses), told apart from other runtime errors."""
+    text = str(err)
+    return type(err).__name__ == "OutOfMemoryError" or "out of memory" in text or "can't allocate memory" in text
+
+
+def one_line(err: BaseException) -> str:
+    if isinstance(err, MemoryError) or is_out_of_memory(err):
+        return ("not enough memory for this run; try a smaller --width / --height, fewer --num-images, or "
+                f"--dtype float16 on a GPU ({str(err).splitlines()[0] if str(err) else type(err).__name__})")
+    return str(err)

@@ -57,11 +57,16 @@ def add_generation_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--height", type=int, default=None, help="image height in pixels, a multiple of 8")
     group.add_argument("--num-images", type=int, default=1, help="how many images to make")
     group.add_argument("--clip-skip", type=int, default=None, help="use the CLIP layer this many from the end")
+    group.add_argument("--from-png", metavar="FILE",
+                       help="take the prompt and settings from a PNG's infotext (stablepipe's or AUTOMATIC1111's) "
+                            "to draw the same picture; flags given as well override the file's values")
 
 
 def add_output_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--out", default="outputs", help="a folder, or a .png path (default: ./outputs)")
+    group.add_argument("--out", default="outputs", help="a folder, or a .png path (default: ./outputs); new "
+                                                          "names in a folder never reuse an existing one")
+    group.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     group.add_argument("--json", action="store_true", help="print the written files and settings as JSON")
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -130,11 +135,32 @@ def pick_device_and_dtype(device: str, dtype: str):
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    checked = check_device(device)
     if dtype == "auto":  # bfloat16 on CPUs with native bfloat16, float16 on CUDA (pipelines/memory.py)
         from stablepipe.pipelines.memory import fast_dtype
 
-        return torch.device(device), fast_dtype(device)
-    return torch.device(device), getattr(torch, dtype)
+        return checked, fast_dtype(device)
+    return checked, getattr(torch, dtype)
+
+
+def check_device(device: str):
+    """--device as a torch.device this machine has, or a UsageError saying what it has."""
+    import torch
+
+    try:
+        checked = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a device name; use auto, cpu, cuda, cuda:1, mps ...") from None
+    kind = checked.type
+    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
+    if kind != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
+        no_cuda = kind == "cuda" and not torch.version.cuda
+        built = f" (this torch {torch.__version__} is built without CUDA)" if no_cuda else ""
+        raise UsageError(f"--device {device}: no {kind} device is available here{built}; use --device cpu")
+    if kind == "cuda" and checked.index is not None and checked.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0")
+    return checked
 
 
 def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
@@ -165,15 +191,47 @@ def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
     else:
         pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
     add_adapters(pipe, args)
-    if getattr(args, "scheduler", None):
-        from stablepipe.schedulers.names import scheduler_from_name
-
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    set_scheduler(pipe, args)
+    check_clip_skip(pipe, getattr(args, "clip_skip", None))
+    pipe.loaded_from = model  # what the PNGs' Model and Model hash name
     pipe.set_progress_bar_config(disable=args.quiet or args.json)
     pipe.to(device)
     if args.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
         pipe.enable_channels_last()  # the CPU fast path (benchmarks/RESULTS.md: float32 gains less, costs memory)
     return pipe
+
+
+def set_scheduler(pipe, args: argparse.Namespace) -> None:
+    """--scheduler by name; else the sampler of a --from-png file, unless the model's own already is it."""
+    from stablepipe.schedulers.names import a1111_names_of, scheduler_from_a1111, scheduler_from_name
+
+    if getattr(args, "scheduler", None):
+        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
+    elif getattr(args, "png_sampler", None) and tuple(args.png_sampler) != a1111_names_of(pipe.scheduler):
+        pipe.scheduler = scheduler_from_a1111(*args.png_sampler, pipe.scheduler.config)
+
+
+def check_clip_skip(pipe, clip_skip: int | None) -> None:
+    """--clip-skip within the text encoder's layers (0 .. layers - 1)."""
+    encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
+    if clip_skip is None or encoder is None:
+        return
+    layers = encoder.config.num_hidden_layers
+    if not 0 <= clip_skip < layers:
+        raise UsageError(f"--clip-skip {clip_skip}: this text encoder has {layers} layers, so skip 0 to "
+                         f"{layers - 1} of them (AUTOMATIC1111's 'Clip skip 2' is --clip-skip 1)")
+
+
+MAX_SIDE = 8192  # pixels: far beyond what the models were trained at; larger sides only exhaust memory
+
+
+def check_size_flags(args: argparse.Namespace) -> None:
+    """--width / --height positive and at most MAX_SIDE, before any model is loaded."""
+    for flag in ("width", "height"):
+        value = getattr(args, flag, None)
+        if value is not None and not 8 <= value <= MAX_SIDE:
+            raise UsageError(f"--{flag} {value}: give 8 to {MAX_SIDE} pixels, a multiple of 8 (the model's own "
+                             "size, e.g. 512, draws best)")
 
 
 def is_single_file(model: str | Path) -> bool:
@@ -211,10 +269,18 @@ def add_adapters(pipe, args: argparse.Namespace) -> None:
     pipe.prompt_weighting = bool(getattr(args, "prompt_weighting", False))
 
 
+MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes (A1111's seeds are 32-bit, well within)
+
+
 def seeds_for(args: argparse.Namespace) -> list[int]:
+    """One seed per image from --seed; a random first seed (recorded in the PNGs) when none or -1 is given."""
     if args.num_images < 1:
         raise UsageError(f"--num-images must be at least 1, got {args.num_images}")
-    first = args.seed if args.seed is not None else random.randrange(2**32)
+    if args.seed is not None and args.seed + args.num_images - 1 > MAX_SEED:
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED} (or -1 for a random one), got {args.seed}")
+    if args.seed is not None and args.seed < -1:
+        raise UsageError(f"--seed must be from 0 to {MAX_SEED}, or -1 for a random one; got {args.seed}")
+    first = args.seed if args.seed is not None and args.seed >= 0 else random.randrange(2**32)
     return [first + i for i in range(args.num_images)]
 
 
@@ -230,50 +296,147 @@ def generation_kwargs(args: argparse.Namespace, seeds: list[int]) -> dict[str, A
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def output_paths(out: str, seeds: list[int], suffix: str = "") -> list[Path]:
-    """Where each image goes: `--out x.png` for one image (x-0.png, x-1.png ... for several), else a folder."""
+def output_paths(out: str, seeds: list[int], suffix: str = "", *, overwrite: bool = False,
+                 companions: tuple[str, ...] = ()) -> list[Path]:
+    """Where each image goes. `--out x.png`: x.png for one image (refused if it exists, unless `overwrite`),
+    x-N.png for several, N counting from the first number free. A folder: NNNNN-SEED.png, numbered from one past
+    the highest number there (A1111's scheme), so a name is never reused. `companions`: the suffixes of the
+    files written beside each image (e.g. "-depth"), which must be free too."""
+    from stablepipe.cli.files import free_numbered_names, refuse_existing
+
     target = Path(out)
     if target.suffix.lower() == ".png":
         if len(seeds) == 1:
-            return [target.with_name(target.stem + suffix + ".png")]
-        return [target.with_name(f"{target.stem}-{i}{suffix}.png") for i in range(len(seeds))]
-    existing = len(list(target.glob("*.png"))) if target.is_dir() else 0
-    return [target / f"{existing + i:05d}-{seed}{suffix}.png" for i, seed in enumerate(seeds)]
+            paths = [target.with_name(target.stem + suffix + end + ".png") for end in ("", *companions)]
+            for path in paths:
+                refuse_existing(path, overwrite=overwrite)
+            return paths[:1]
+        if overwrite:
+            return [target.with_name(f"{target.stem}-{i}{suffix}.png") for i in range(len(seeds))]
+        return free_indexed_names(target, suffix, len(seeds), companions)
+    if target.exists() and not target.is_dir():
+        raise UsageError(f"--out {target}: that is a file, not a folder; give a folder or a .png name")
+
+    def names(number: int) -> list[str]:
+        return [f"{number:05d}-{seeds[0]}{suffix}{end}.png" for end in ("", *companions)]
+
+    first = free_numbered_names(target, names, 1)[0]
+    number = int(first.name.split("-")[0])
+    return [target / f"{number + i:05d}-{seed}{suffix}.png" for i, seed in enumerate(seeds)]
 
 
-def save_png(image, path: Path, settings: dict[str, Any]) -> None:
-    """Write a PNG with the settings as text chunks: `parameters` in AUTOMATIC1111's format, and JSON."""
+def free_indexed_names(target: Path, suffix: str, count: int, companions: tuple[str, ...]) -> list[Path]:
+    """`count` names STEM-N.png from the lowest N at which all of them (and their companions) are free."""
+    start = 0
+    while True:
+        paths = [target.with_name(f"{target.stem}-{start + i}{suffix}.png") for i in range(count)]
+        if not any(p.with_name(p.stem + end + ".png").exists() for p in paths for end in ("", *companions)):
+            return paths
+        start += 1
+
+
+def png_info(settings: dict[str, Any]):
+    """The PNG text chunks of one image: `parameters` (A1111's infotext) and `stablepipe` (the settings as JSON)."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    a1111 = settings.get("prompt") or ""
-    if settings.get("negative_prompt"):
-        a1111 += f"\nNegative prompt: {settings['negative_prompt']}"
-    keys = ("steps", "scheduler", "guidance", "seed", "width", "height", "model")
-    a1111 += "\n" + ", ".join(f"{k.capitalize()}: {settings[k]}" for k in keys if settings.get(k) is not None)
-    info.add_text("parameters", a1111)
+    info.add_text("parameters", infotext_of(settings))
     info.add_text("stablepipe", json.dumps(settings))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
+    return info
+
+
+def infotext_of(settings: dict[str, Any]) -> str:
+    """A1111's infotext of one image from stablepipe's settings (as `write_images` and the web app record them)."""
+    from stablepipe.infotext import a1111_params, format_infotext
+
+    loras = settings.get("lora_hashes")
+    params = a1111_params(
+        steps=settings["steps"], sampler=settings["sampler"], schedule_type=settings.get("schedule_type"),
+        cfg_scale=settings["guidance"], seed=settings["seed"], width=settings["width"], height=settings["height"],
+        model_hash=settings.get("model_hash"), model=settings.get("model"),
+        denoising_strength=settings.get("strength"), clip_skip=settings.get("clip_skip"), lora_hashes=loras,
+    )
+    return format_infotext(settings.get("prompt") or "", settings.get("negative_prompt"), params)
+
+
+def save_png(image, path: Path, settings: dict[str, Any], *, overwrite: bool = False) -> None:
+    """Write a PNG with its settings as text chunks (see `png_info`), atomically; an existing `path` is refused
+    unless `overwrite`."""
+    from stablepipe.cli.files import write_atomically
+
+    info = png_info(settings)
+    write_atomically(Path(path), lambda staging: image.save(staging, format="PNG", pnginfo=info), overwrite=overwrite)
+
+
+def call_default(pipe, name: str) -> Any:
+    """The default of the pipeline's `__call__` argument `name` (e.g. its steps and guidance), or None."""
+    import inspect
+
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def model_settings(pipe, source: str | None) -> dict[str, Any]:
+    """Model, Model hash (see `local_model_hash`) and the A1111 sampler names of the pipeline's scheduler."""
+    from stablepipe.infotext import model_name
+    from stablepipe.schedulers.names import a1111_names_of
+
+    sampler, schedule = a1111_names_of(pipe.scheduler)
+    loaded = getattr(pipe, "loaded_from", None) or source
+    return {"model": "builtin" if source is None else model_name(source),
+            "model_hash": local_model_hash(loaded) if loaded else None, "sampler": sampler, "schedule_type": schedule}
+
+
+def local_model_hash(source: str | Path) -> str | None:
+    """`infotext.model_hash` of a model file, folder or Hub repo in the local cache (hashes cached in the
+    stablepipe cache); None where there is no local copy (a Hub file URL)."""
+    from stablepipe.builtin import cache_dir
+    from stablepipe.infotext import model_hash
+    from stablepipe.loading.files import fetch_file
+
+    try:
+        local = Path(source) if Path(source).exists() else fetch_file(source, "model_index.json").parent
+        return model_hash(local, cache=cache_dir() / "hashes.json")
+    except (OSError, ValueError):
+        return None
+
+
+def lora_hashes(loras: list[str]) -> dict[str, str]:
+    """{name: A1111's short hash} of the local --lora files (as A1111 names a LoRA: its file name)."""
+    from stablepipe.infotext import lora_hash
+
+    found = {}
+    for value in loras:
+        path = Path(split_option(value, "--lora")[0])
+        if path.is_file():
+            found[path.stem] = lora_hash(path)
+    return found
 
 
 def write_images(
-    images, args: argparse.Namespace, seeds: list[int], pipe, *, flags=None, extra: dict[str, Any] | None = None
+    images, args: argparse.Namespace, seeds: list[int], pipe, *, flags=None, extra: dict[str, Any] | None = None,
+    companions: tuple[str, ...] = (),
 ) -> dict[str, Any]:
-    """Save the images as PNGs with their settings (plus `extra` ones, e.g. the input image and strength)."""
+    """Save the images as PNGs with their settings (plus `extra` ones, e.g. the input image and strength): the
+    effective ones, the pipeline's defaults where no flag was given."""
     width, height = images[0].size
+    guidance = args.guidance if args.guidance is not None else call_default(pipe, "guidance_scale")
     settings = {
         "command": args.command, "prompt": getattr(args, "prompt", None), "negative_prompt": args.negative_prompt,
-        "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler or type(pipe.scheduler).__name__,
-        "width": width, "height": height, "model": str(args.model or "builtin"), **(extra or {}),
+        "steps": args.steps or call_default(pipe, "num_inference_steps"), "guidance": guidance,
+        "scheduler": args.scheduler or type(pipe.scheduler).__name__, "width": width, "height": height,
+        "clip_skip": args.clip_skip, **model_settings(pipe, args.model), **(extra or {}),
     }
     for key in ("lora", "embedding"):  # what else shaped the picture, when given
         if getattr(args, key, None):
             settings[key] = list(getattr(args, key))
+    if getattr(args, "lora", None):
+        settings["lora_hashes"] = lora_hashes(args.lora)
     if getattr(args, "prompt_weighting", False):
         settings["prompt_weighting"] = True
     files = []
-    for index, (image, path, seed) in enumerate(zip(images, output_paths(args.out, seeds), seeds)):
-        save_png(image, path, {**settings, "seed": seed})
+    paths = output_paths(args.out, seeds, overwrite=args.overwrite, companions=companions)
+    for index, (image, path, seed) in enumerate(zip(images, paths, seeds)):
+        save_png(image, path, {**settings, "seed": seed}, overwrite=args.overwrite)
         files.append({"path": str(path), "seed": seed, "nsfw": bool(flags[index]) if flags else False})
     return {"files": files, "settings": settings}

@@ -22,7 +22,7 @@ SAFETY_LEVELS = ("WEAK", "MEDIUM", "STRONG", "MAX")  # stablepipe.pipelines.safe
 
 def register(commands) -> None:
     parser = commands.add_parser("generate", help="text-to-image", description="Make images from a text prompt.")
-    parser.add_argument("prompt", help="what to draw")
+    parser.add_argument("prompt", nargs="?", help="what to draw (or from --from-png)")
     add_model_flags(parser)
     add_generation_flags(parser)
     add_output_flags(parser)

@@ -24,7 +24,7 @@ def register(commands) -> None:
         "img2img", help="image-to-image",
         description="Repaint a picture following a text prompt; --strength says how much (0: keep, 1: all).",
     )
-    parser.add_argument("prompt", help="what the new picture should show")
+    parser.add_argument("prompt", nargs="?", help="what the new picture should show (or from --from-png)")
     add_image_flags(parser)
     add_model_flags(parser)
     add_generation_flags(parser)

@@ -24,7 +24,7 @@ def register(commands) -> None:
         description="Repaint the white part of --mask in --image following a prompt (black is kept). Works with "
         "inpainting checkpoints (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting) and plain ones.",
     )
-    parser.add_argument("prompt", help="what to paint in the masked area")
+    parser.add_argument("prompt", nargs="?", help="what to paint in the masked area (or from --from-png)")
     add_image_flags(parser)
     group = parser.add_argument_group("mask")
     group.add_argument("--mask", required=True, help="the mask: white = repaint, black = keep; the image's size")

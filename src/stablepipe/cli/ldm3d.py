@@ -106,12 +106,14 @@ def with_builtin(args: argparse.Namespace, path, what: str, say) -> argparse.Nam
 
 def write_rgbd(result, args: argparse.Namespace, seeds: list[int], pipe, *, extra: dict[str, Any]) -> dict[str, Any]:
     """RGB images as the usual PNGs, each depth map beside its image as NAME-depth.png (16-bit grayscale)."""
-    report = write_images(result.rgb, args, seeds, pipe, flags=result.nsfw_content_detected, extra=extra)
+    report = write_images(result.rgb, args, seeds, pipe, flags=result.nsfw_content_detected, extra=extra,
+                          companions=("-depth",))
     files = []
     for entry, depth in zip(report["files"], result.depth):
         path = Path(entry["path"])
         depth_path = path.with_name(f"{path.stem}-depth.png")
-        save_png(depth, depth_path, {**report["settings"], "seed": entry["seed"], "depth_of": path.name})
+        save_png(depth, depth_path, {**report["settings"], "seed": entry["seed"], "depth_of": path.name},
+                 overwrite=args.overwrite)
         files += [{**entry, "kind": "rgb", "depth": str(depth_path)},
                   {**entry, "kind": "depth", "path": str(depth_path), "rgb": str(path)}]  # fmt: skip
     report["files"] = files

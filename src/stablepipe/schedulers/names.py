@@ -142,3 +142,36 @@ def join_a1111_name(sampler: str, schedule: str | None = None) -> str:
         raise ValueError(f"sampler {sampler!r} has no {schedule_key} schedule here; use 'Automatic' or one of: "
                          + ", ".join(k for k in A1111_SCHEDULERS if k.endswith(schedule_key)))
     return combined
+
+
+def a1111_names_of(scheduler: SchedulerMixin) -> tuple[str, str]:
+    """The (Sampler, Schedule type) A1111's infotext names a scheduler by: PNDM -> ('PLMS', 'Automatic'), Euler
+    with Karras sigmas -> ('Euler', 'Karras'), DPM-Solver++ of order 2 with SDE noise -> ('DPM++ 2M SDE', ...).
+
+    A class with one A1111 name gets that name; a class with several is told apart by the options other than
+    the sigma schedule (algorithm, order). A scheduler A1111 has no name for keeps its class name.
+    """
+    config = scheduler.config
+    kind = next((name for name, option in SCHEDULE_TYPES.items() if option and config.get(f"use_{option}_sigmas")),
+                "Automatic")
+    bases: dict[str, dict[str, Any]] = {}
+    for name, (cls, options) in A1111_SCHEDULERS.items():
+        if cls is type(scheduler):
+            bases.setdefault(split_a1111_name(name)[0], {k: v for k, v in options.items() if not k.startswith("use_")})
+    for base, options in bases.items():
+        if len(bases) == 1 or all(config.get(k) == v for k, v in options.items()):
+            return base, kind
+    return type(scheduler).__name__, kind
+
+
+def scheduler_from_a1111(sampler: str, schedule: str | None, config: dict[str, Any]) -> SchedulerMixin:
+    """The scheduler A1111's (Sampler, Schedule type) stand for, built from `config`. A schedule the name table
+    has no combined name for (e.g. 'Euler a' with 'Karras') is applied as the sigma option, when the class has it."""
+    try:
+        return scheduler_from_name(join_a1111_name(sampler, schedule), config)
+    except ValueError:
+        cls, _ = _lookup(sampler)
+        option = SCHEDULE_TYPES.get(str(schedule).strip().capitalize())
+        if option is None or f"use_{option}_sigmas" not in cls().config:
+            raise
+        return scheduler_from_name(sampler, config, **_sigmas(option))

@@ -25,8 +25,9 @@ def build_app(manager: ModelManager, *, out_dir: Path) -> gr.Blocks:
     """The Blocks of the app. Every event that runs a model shares one queue slot (one generation at a
     time); people waiting see their position in the queue."""
     with gr.Blocks(title="stablepipe", analytics_enabled=False) as app:
+        shown = out_dir if manager.allow_paths else out_dir.name  # a public app does not show its disk
         gr.Markdown("## stablepipe\nStable Diffusion, from scratch in PyTorch. Images are saved in "
-                    f"`{out_dir}` with their prompt and settings in the PNG metadata.")
+                    f"`{shown}` with their prompt and settings in the PNG metadata (AUTOMATIC1111's infotext).")
         model_loader(manager, None)
         with gr.Tabs():
             for title, build_tab in TABS:
@@ -39,9 +40,15 @@ def build_app(manager: ModelManager, *, out_dir: Path) -> gr.Blocks:
 
 def launch(app: gr.Blocks, *, host: str, port: int | None, out_dir: Path, block: bool = True) -> gr.Blocks:
     """Serve `app` on host:port (port None: the first free one from 7860)."""
+    from starlette.middleware import Middleware
+
+    from stablepipe.ui.guard import MAX_UPLOAD, BodyLimit, not_found_handlers
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    guards = {"middleware": [Middleware(BodyLimit)], "exception_handlers": not_found_handlers()}
     app.launch(
         server_name=host, server_port=port, allowed_paths=[str(out_dir.resolve())], show_error=True,
-        prevent_thread_lock=not block, theme=THEME, css=CSS, footer_links=[], quiet=False,
+        prevent_thread_lock=not block, theme=THEME, css=CSS, footer_links=[], quiet=False, app_kwargs=guards,
+        max_file_size=MAX_UPLOAD,
     )
     return app

@@ -47,9 +47,11 @@ def shown_in_page(fn, *args, **kwargs):
 
 
 def prompt_fields(*, negative: bool = True) -> dict[str, gr.components.Component]:
-    fields = {"prompt": gr.Textbox(label="Prompt", lines=2, placeholder="an astronaut riding a horse, oil painting")}
+    fields = {"prompt": gr.Textbox("", label="Prompt", lines=2, max_length=run.MAX_PROMPT_CHARS,
+                                   placeholder="an astronaut riding a horse, oil painting")}
     if negative:
-        fields["negative_prompt"] = gr.Textbox(label="Negative prompt", lines=1, placeholder="blurry, low quality")
+        fields["negative_prompt"] = gr.Textbox("", label="Negative prompt", lines=1, max_length=run.MAX_PROMPT_CHARS,
+                                               placeholder="blurry, low quality")
     fields["prompt_weighting"] = gr.Checkbox(
         False, label="AUTOMATIC1111 prompt syntax: (word:1.3), (word), [word], BREAK, prompts over 77 tokens"
     )
@@ -67,14 +69,20 @@ def sampling_fields(
         fields["guidance"] = gr.Slider(0, 30, value=guidance, step=0.5, label="Guidance (CFG scale)")
     if size is not None:
         with gr.Row():
-            fields["width"] = gr.Slider(64, 2048, value=size[0], step=8, label="Width")
-            fields["height"] = gr.Slider(64, 2048, value=size[1], step=8, label="Height")
+            fields["width"] = gr.Slider(*size_range(size[0]), value=size[0], step=8, label="Width")
+            fields["height"] = gr.Slider(*size_range(size[1]), value=size[1], step=8, label="Height")
     with gr.Row():
         fields["seed"] = gr.Number(-1, precision=0, label="Seed (-1: random)", scale=3)
         random_seed = gr.Button("Random", scale=0, min_width=80, elem_classes="seed-random")
         fields["batch"] = gr.Slider(1, 8, value=1, step=1, label="Batch size", visible=batch, scale=3)
     random_seed.click(lambda: -1, None, fields["seed"], queue=False)
     return fields
+
+
+def size_range(default: int) -> tuple[int, int]:
+    """A size slider's (minimum, maximum) around the loaded model's own size: down to 64 px (or the model's size
+    if smaller: the demo model draws 32 px), up to 4 times it (at least 2048 px)."""
+    return min(64, default), max(2048, 4 * default)
 
 
 def strength_field(value: float) -> gr.Slider:
@@ -142,17 +150,19 @@ def reused_seed(seeds: list[int], picked: int) -> int:
 def wire_generate(
     fields: dict[str, Any], button: gr.Button, results: Results, *, manager: ModelManager, task: str, out_dir: Path
 ) -> None:
-    """Button (and Enter in the prompt) -> run the task in the shared queue -> results; seed reuse."""
-    inputs = set(fields.values())
+    """Button (and Enter in the prompt) -> run the task in the shared queue -> results; seed reuse. The API
+    endpoint is named after the task (`/txt2img` ...), its inputs in the order of the form's fields."""
+    names = list(fields)
 
-    def generate(data: dict, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads the default)
-        values = {name: data[component] for name, component in fields.items()}
+    def generate(*data, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads the default)
+        values = dict(zip(names, data))
         if values.get("scheduler") == DEFAULT_SCHEDULER:
             values["scheduler"] = None
         return results.show(shown_in_page(run.generate, manager, task, values, out_dir))
 
     triggers = [button.click] + ([fields["prompt"].submit] if "prompt" in fields else [])
-    gr.on(triggers, generate, inputs=inputs, outputs=results.outputs(), concurrency_id=QUEUE, concurrency_limit=1)
+    gr.on(triggers, generate, inputs=list(fields.values()), outputs=results.outputs(), concurrency_id=QUEUE,
+          concurrency_limit=1, api_name=task)
     results.reuse.click(reused_seed, [results.seeds, results.picked], fields["seed"], queue=False)
 
 

@@ -19,6 +19,7 @@ from stablepipe.ui.session import ModelManager
 from stablepipe.ui.tasks import TASKS, Output
 
 MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 10_000  # the text encoder reads 77 tokens (prompt weighting: 75-token chunks); 10k is ~30 chunks
 PROMPT_LABELS = (("prompt", "Prompt"), ("negative_prompt", "Negative prompt"))
 SHOWN_APART = ("command", "seed", "prompt", "negative_prompt")
 
@@ -61,13 +62,29 @@ def pick_seeds(seed: float | int | None, batch: float | int) -> list[int]:
     return [int(seed) + i for i in range(int(batch))]
 
 
-def shared_settings(task: str, values: dict[str, Any], output: Output) -> dict[str, Any]:
+def check_prompts(values: dict[str, Any]) -> None:
+    """Prompts are text of at most MAX_PROMPT_CHARS characters."""
+    for key, label in PROMPT_LABELS:
+        text = values.get(key)
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{label} must be text, got {type(text).__name__}")
+        if text and len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"{label} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are taken (the "
+                             "text encoder reads 77 tokens at a time)")
+
+
+def shared_settings(manager: ModelManager, task: str, values: dict[str, Any], output: Output) -> dict[str, Any]:
+    """The settings of one run as the command line records them (and from them, A1111's infotext)."""
+    from stablepipe.schedulers.names import a1111_names_of
+
     width, height = output.images[0].size
+    sampler, schedule = a1111_names_of(output.pipe.scheduler) if output.pipe is not None else (None, None)
     settings = {
         "command": task, "prompt": values.get("prompt"), "negative_prompt": values.get("negative_prompt") or None,
         "steps": values.get("steps"), "guidance": values.get("guidance"),
-        "scheduler": values.get("scheduler") or "model default", "width": width, "height": height,
-        "model": output.model, **output.settings,
+        "scheduler": values.get("scheduler") or "model default", "sampler": sampler, "schedule_type": schedule,
+        "width": width, "height": height, "model": output.model,
+        "model_hash": manager.model_hash(output.slot) if output.slot else None, **output.settings,
     }
     if values.get("prompt_weighting"):  # as the command line records --prompt-weighting
         settings["prompt_weighting"] = True
@@ -75,12 +92,14 @@ def shared_settings(task: str, values: dict[str, Any], output: Output) -> dict[s
 
 
 def generate(manager: ModelManager, task: str, values: dict[str, Any], out_dir: Path) -> Result:
-    """Run `task` (a key of TASKS) with the form's `values`; save every image under `out_dir`."""
+    """Run `task` (a key of TASKS) with the form's `values`; save every image under `out_dir` under new names."""
+    check_prompts(values)
     seeds = pick_seeds(values.get("seed"), values.get("batch", 1))
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
     output = TASKS[task](manager, values, generators)
-    settings = shared_settings(task, values, output)
-    files = output_paths(str(out_dir), seeds[: len(output.images)])
+    settings = shared_settings(manager, task, values, output)
+    companions = ("-depth",) * bool(output.depth) + tuple(f"-{name}" for name in output.extras)
+    files = output_paths(str(out_dir), seeds[: len(output.images)], companions=companions)
     save_all(output.images, files, settings, seeds)
     depth_files = [path.with_name(path.stem + "-depth.png") for path in files] if output.depth else []
     save_all(output.depth or [], depth_files, {**settings, "depth": True}, seeds)

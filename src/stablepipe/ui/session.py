@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,15 @@ SLOTS = {
         Slot("ldm3d", "an", "LDM3D model", "Intel/ldm3d-4c", ("StableDiffusionLDM3DPipeline",)),
     )
 }
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}")  # owner/name, as the Hub allows
+_PATH = re.compile(r"(?<![\w.-])(?:[A-Za-z]:)?[/\\][^\s'\",;)]*")  # an absolute path inside a message
+
+
+def without_paths(message: str) -> str:
+    """`message` with every absolute path in it replaced by '<path>'."""
+    return _PATH.sub("<path>", message)
 
 
 BUILTIN = "builtin"  # what to type (or pass to `load`) for a slot's built-in model
@@ -123,12 +133,17 @@ class ModelManager:
 
     def __init__(
         self, *, device: torch.device, dtype: torch.dtype, safety_checker: bool = True, variant: str | None = None,
-        revision: str | None = None,
+        revision: str | None = None, allow_paths: bool = True,
     ):
+        """`allow_paths=False` (an app listening beyond this machine): the Load boxes take Hub ids and "builtin"
+        only, and their errors never name a path, so a visitor cannot probe the server's disk."""
         self.device, self.dtype, self.safety_checker = device, dtype, safety_checker
+        self.allow_paths = allow_paths
         self.variant, self.revision = variant, revision
-        self.sources: dict[str, str] = {}  # slot -> what was loaded there
+        self.sources: dict[str, str] = {}  # slot -> what was loaded there (its name in the page and the PNGs)
         self._loaded: dict[str, Any] = {}
+        self._paths: dict[str, str] = {}  # slot -> the folder, file or Hub id read
+        self._hashes: dict[str, str | None] = {}  # slot -> its A1111 short model hash, once asked for
         self._lock = threading.Lock()
 
     def loaded(self, slot: str):
@@ -140,6 +155,8 @@ class ModelManager:
         detected unless given; returns the slot. Replaces what was there. `label`: its name in the page and the
         PNGs' settings (default: `source`). "builtin" loads the slot's built-in model (see `builtin_path`)."""
         source = str(source).strip()
+        if not self.allow_paths and source != BUILTIN:
+            return self._load_hub_only(source, slot, label)
         if source == BUILTIN:
             slot, label = slot or "sd", BUILTIN
             source = str(builtin_path(slot))
@@ -150,7 +167,39 @@ class ModelManager:
             pipe = self._read(source, slot)
             found = check_slot(source, type(pipe).__name__, slot)  # a single file's type is known once read
             self._loaded[found], self.sources[found] = pipe.to(self.device), label or source
+            self._paths[found] = source
+            self._hashes.pop(found, None)
         return found
+
+    def _load_hub_only(self, source: str, slot: str | None, label: str | None) -> str:
+        """`load` of a Hub repo id from a public app: no local path is looked at, and no error names one."""
+        if not HUB_ID.fullmatch(source):
+            raise ValueError(f"{source!r} is not a Hub repo id (owner/name); loading from the server's files is "
+                             "off for an app that listens beyond 127.0.0.1 (start it with --allow-model-paths to "
+                             "allow it)")
+        missing = f"could not load {source!r}: it is not a Hub repo this server has or can download"
+        if Path(source).exists():  # a relative path that happens to look like owner/name: said as for a missing repo
+            raise ValueError(missing)
+        with self._lock:
+            try:
+                pipe = self._read(source, slot)
+                found = check_slot(source, type(pipe).__name__, slot)
+            except OSError:
+                raise ValueError(missing) from None
+            except ValueError as err:  # e.g. a repo of a kind the app has no tab for
+                raise ValueError(without_paths(str(err))) from None
+            self._loaded[found], self.sources[found] = pipe.to(self.device), label or source
+            self._paths[found] = source
+            self._hashes.pop(found, None)
+        return found
+
+    def model_hash(self, slot: str) -> str | None:
+        """The A1111 short hash of the model in `slot` (see `infotext.model_hash`), computed once per load."""
+        from stablepipe.cli.common import local_model_hash
+
+        if slot not in self._hashes and slot in self._paths:
+            self._hashes[slot] = local_model_hash(self._paths[slot])
+        return self._hashes.get(slot)
 
     def _read(self, source: str, slot: str | None):
         from stablepipe.pipelines.base import DiffusionPipeline, pipeline_class

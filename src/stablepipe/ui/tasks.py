@@ -29,13 +29,16 @@ class Output:
     depth: list[PIL.Image.Image] | None = None  # LDM3D: one depth map per image
     extras: dict[str, PIL.Image.Image] = dataclasses.field(default_factory=dict)  # saved once: e.g. the mask
     flags: list[bool] | None = None  # the safety checker's verdict per image (flagged ones come back black)
+    slot: str | None = None  # the slot of the model (its files give the PNGs' Model hash)
+    pipe: Any = None  # the pipeline that ran: its scheduler's A1111 name goes in the PNGs
 
 
-def from_result(result, model: str, settings: dict[str, Any] | None = None, **fields: Any) -> Output:
+def from_result(result, pipe, manager: ModelManager, slot: str, settings: dict[str, Any] | None = None,
+                **fields: Any) -> Output:
     """An Output from a pipeline's output: its images (LDM3D's `rgb` and `depth`) and safety flags."""
     images = result.rgb if hasattr(result, "rgb") else result.images
     flags = getattr(result, "nsfw_content_detected", None)
-    return Output(images, settings or {}, model=model, flags=flags, **fields)
+    return Output(images, settings or {}, model=manager.sources[slot], flags=flags, slot=slot, pipe=pipe, **fields)
 
 
 # ---- the form's values -> pipeline arguments ---------------------------------------------------------------
@@ -45,10 +48,17 @@ def text_kwargs(values: dict[str, Any], generators: list) -> dict[str, Any]:
     """Prompt, negative prompt, steps, guidance, one image per generator."""
     kwargs = {
         "prompt": values.get("prompt") or "", "negative_prompt": values.get("negative_prompt") or None,
-        "num_inference_steps": int(values["steps"]), "guidance_scale": float(values["guidance"]),
+        "num_inference_steps": whole_number(values["steps"], "Steps"), "guidance_scale": float(values["guidance"]),
         "generator": generators, "num_images_per_prompt": len(generators),
     }
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def whole_number(value: Any, label: str) -> int:
+    """A slider's value as an int; a ValueError for 2.5 or text rather than a silent rounding."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+        raise ValueError(f"{label} must be a whole number, got {value!r}")
+    return int(value)
 
 
 def sampling(values: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +67,7 @@ def sampling(values: dict[str, Any]) -> dict[str, Any]:
 
 
 def size_kwargs(values: dict[str, Any]) -> dict[str, int]:
-    return {"width": int(values["width"]), "height": int(values["height"])}
+    return {"width": whole_number(values["width"], "Width"), "height": whole_number(values["height"], "Height")}
 
 
 def need_image(image: PIL.Image.Image | None, what: str = "a picture") -> PIL.Image.Image:
@@ -94,11 +104,11 @@ def run_txt2img(manager: ModelManager, values: dict[str, Any], generators: list)
     kwargs = {**text_kwargs(values, generators), **size_kwargs(values)}
     if not values.get("safe"):
         pipe = manager.pipeline(stablepipe.StableDiffusionPipeline, "sd", **sampling(values))
-        return from_result(pipe(**kwargs), manager.sources["sd"])
+        return from_result(pipe(**kwargs), pipe, manager, "sd")
     level = str(values.get("safe_level") or "MEDIUM").upper()
     pipe = manager.pipeline(stablepipe.StableDiffusionPipelineSafe, "sd", **sampling(values))
     result = pipe(**kwargs, **stablepipe.SafetyConfig.preset(level))
-    return from_result(result, manager.sources["sd"], {"safe": level})
+    return from_result(result, pipe, manager, "sd", {"safe": level})
 
 
 def run_img2img(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
@@ -106,7 +116,7 @@ def run_img2img(manager: ModelManager, values: dict[str, Any], generators: list)
     pipe = manager.pipeline(stablepipe.StableDiffusionImg2ImgPipeline, "sd", **sampling(values))
     strength = float(values["strength"])
     result = pipe(image=image, strength=strength, **text_kwargs(values, generators))
-    return from_result(result, manager.sources["sd"], {"strength": strength})
+    return from_result(result, pipe, manager, "sd", {"strength": strength})
 
 
 def run_inpaint(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
@@ -119,7 +129,7 @@ def run_inpaint(manager: ModelManager, values: dict[str, Any], generators: list)
                   **text_kwargs(values, generators))
     coverage = f"{np.asarray(mask).mean() / 2.55:.1f}% of the picture"
     settings = {"strength": strength, "mask": coverage}
-    return from_result(result, manager.sources[slot], settings, extras={"mask": mask})
+    return from_result(result, pipe, manager, slot, settings, extras={"mask": mask})
 
 
 def run_depth2img(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
@@ -128,7 +138,7 @@ def run_depth2img(manager: ModelManager, values: dict[str, Any], generators: lis
     depth = values.get("depth_map")
     strength = float(values["strength"])
     result = pipe(image=image, depth_map=depth, strength=strength, **text_kwargs(values, generators))
-    return from_result(result, manager.sources["depth"], {"strength": strength, "depth_map": depth is not None})
+    return from_result(result, pipe, manager, "depth", {"strength": strength, "depth_map": depth is not None})
 
 
 def run_variation(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
@@ -136,7 +146,7 @@ def run_variation(manager: ModelManager, values: dict[str, Any], generators: lis
     cls = stablepipe.StableDiffusionImageVariationPipeline
     pipe = manager.pipeline(cls, "variation", **sampling(values))
     kwargs = {k: v for k, v in text_kwargs(values, generators).items() if k not in ("prompt", "negative_prompt")}
-    return from_result(pipe(image, **kwargs, **size_kwargs(values)), manager.sources["variation"])
+    return from_result(pipe(image, **kwargs, **size_kwargs(values)), pipe, manager, "variation")
 
 
 def run_upscale(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
@@ -148,11 +158,11 @@ def run_upscale(manager: ModelManager, values: dict[str, Any], generators: list)
         pipe = manager.pipeline(cls, "x2", **sampling(values))
         kwargs.pop("num_images_per_prompt")
         images = [pipe(image=image, **{**kwargs, "generator": g}).images[0] for g in generators]
-        return Output(images, {"upscaler": "x2 latent"}, model=manager.sources["x2"])
+        return Output(images, {"upscaler": "x2 latent"}, model=manager.sources["x2"], slot="x2", pipe=pipe)
     pipe = manager.pipeline(stablepipe.StableDiffusionUpscalePipeline, "x4", **sampling(values))
     noise_level = int(values["noise_level"])
     result = pipe(image=image, noise_level=noise_level, **kwargs)
-    return from_result(result, manager.sources["x4"], {"upscaler": "x4", "noise_level": noise_level})
+    return from_result(result, pipe, manager, "x4", {"upscaler": "x4", "noise_level": noise_level})
 
 
 def run_sdxl(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
@@ -161,7 +171,7 @@ def run_sdxl(manager: ModelManager, values: dict[str, Any], generators: list) ->
     kwargs = {**text_kwargs(values, generators), **size_kwargs(values)}
     base = manager.pipeline(stablepipe.StableDiffusionXLPipeline, "sdxl", **sampling(values))
     if not values.get("refiner"):
-        return Output(base(**kwargs).images, model=manager.sources["sdxl"])
+        return Output(base(**kwargs).images, model=manager.sources["sdxl"], slot="sdxl", pipe=base)
     refiner = manager.pipeline(stablepipe.StableDiffusionXLImg2ImgPipeline, "refiner",
                                **sampling(values))
     split = float(values["high_noise_frac"])
@@ -169,14 +179,14 @@ def run_sdxl(manager: ModelManager, values: dict[str, Any], generators: list) ->
     kwargs = {k: v for k, v in kwargs.items() if k not in ("width", "height")}
     images = refiner(**kwargs, image=latents, denoising_start=split).images  # latents (B, 4, h, w)
     settings = {"refiner": manager.sources["refiner"], "high_noise_frac": split}
-    return Output(images, settings, model=manager.sources["sdxl"])
+    return Output(images, settings, model=manager.sources["sdxl"], slot="sdxl", pipe=base)
 
 
 def run_ldm3d(manager: ModelManager, values: dict[str, Any], generators: list) -> Output:
     """An RGB image and its depth map from one prompt."""
     pipe = manager.pipeline(stablepipe.StableDiffusionLDM3DPipeline, "ldm3d", **sampling(values))
     result = pipe(**text_kwargs(values, generators), **size_kwargs(values))
-    return from_result(result, manager.sources["ldm3d"], depth=result.depth)
+    return from_result(result, pipe, manager, "ldm3d", depth=result.depth)
 
 
 TASKS = {
