@@ -115,11 +115,12 @@ def _weights_in_file(name: str, state: Mapping[str, torch.Tensor]) -> tuple[str,
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    import json
+    from stablepipe.loading.components import read_model_index
+    from stablepipe.loading.files import read_json_object
 
     if not path.is_file():
         raise FileNotFoundError(f"the config folder has no {path.parent.name}/{path.name}")
-    return json.loads(path.read_text())
+    return read_model_index(path) if path.name == "model_index.json" else read_json_object(path)
 
 
 # ---- building ----------------------------------------------------------------------------------------------

@@ -48,8 +48,13 @@ def embeddings_by_encoder(data: Any, token: str | None, *, has_second: bool) -> 
         if token is None:
             raise ValueError("this embedding is a bare tensor: pass the token to use, `token=...`")
         return token, {"clip_l": data}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"not a textual-inversion embedding: the file holds a {type(data).__name__}, not tensors")
     if "string_to_param" in data:  # AUTOMATIC1111 .pt
-        return token or str(data.get("name", "")), {"clip_l": data["string_to_param"]["*"]}
+        params = data["string_to_param"]
+        if not isinstance(params, Mapping) or "*" not in params:
+            raise ValueError("not a textual-inversion embedding: its string_to_param has no '*' tensor")
+        return token or str(data.get("name", "")), {"clip_l": params["*"]}
     if "emb_params" in data:  # AUTOMATIC1111 .safetensors
         return token or "", {"clip_l": data["emb_params"]}
     if set(data) & set(SDXL_KEYS):

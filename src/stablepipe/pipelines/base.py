@@ -54,7 +54,10 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
         if self._latent_unet and hasattr(modules.get("unet"), "config") and hasattr(modules.get("vae"), "config"):
             from stablepipe.pipelines.image_stages import check_unet_channels
 
-            check_unet_channels(modules["unet"], [modules["vae"].config.latent_channels], type(self).__name__)
+            latent, pipeline = modules["vae"].config.latent_channels, type(self).__name__
+            xl = pipeline.startswith("StableDiffusionXL")
+            examples = {latent: "stabilityai/stable-diffusion-xl-base-1.0"} if xl else None
+            check_unet_channels(modules["unet"], [latent], pipeline, checkpoints=examples)
         for name, module in modules.items():
             object.__setattr__(self, name, module)
         self._component_names = list(dict.fromkeys([*getattr(self, "_component_names", []), *modules]))

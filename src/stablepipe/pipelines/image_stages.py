@@ -77,6 +77,8 @@ def check_unet_channels(
         return
     wanted = " or ".join(UNET_KINDS[n][0] if n in UNET_KINDS else f"{n} input channels" for n in allowed)
     kind, belongs, _ = UNET_KINDS.get(channels, (f"a UNet with {channels} input channels", None, None))
+    if pipeline.startswith("StableDiffusionXL") and channels in (4, 9):  # SDXL has its own of these two kinds
+        belongs = belongs.replace("StableDiffusion", "StableDiffusionXL")
     examples = {n: entry[2] for n, entry in UNET_KINDS.items()} | (checkpoints or {})
     example = next((examples[n] for n in allowed if n in examples), None)
     raise ValueError(
