@@ -217,6 +217,8 @@ def test_models_samplers_options_and_an_sdxl_model(api, folders):
     assert refused.status_code == 422 and "loaded: tiny, xl" in refused.text
     refused = api.session.post(f"{api.baseurl}/options", json={"show_progressbar": False})
     assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "show_progressbar"]
+    api.txt2img(override_settings={"sd_model_checkpoint": "tiny"}, override_settings_restore_afterwards=False, **xl)
+    assert api.get_options()["sd_model_checkpoint"] == "tiny"  # kept, as A1111 does when asked not to restore
 
 
 def test_clip_skip_option_changes_the_picture(api, folders):

@@ -74,6 +74,17 @@ class Server:
     def close(self) -> None:
         self.queue.stop()
 
+    def set_options(self, given: dict[str, Any], *, prefix: str = "") -> None:
+        """Options (checked by `schemas.Options`) set for the following requests; sd_model_checkpoint only
+        switches among the loaded models."""
+        given = dict(given)
+        if given.pop("sd_checkpoint_hash", None) not in (None, self.options["sd_checkpoint_hash"]):
+            raise Unsupported(prefix + "sd_checkpoint_hash", "read-only; choose the model with sd_model_checkpoint")
+        if "sd_model_checkpoint" in given:
+            name = given.pop("sd_model_checkpoint")
+            self.manager.switch(a1111.find_model(name, self.context(), prefix + "sd_model_checkpoint").name)
+        self.options.update(given)
+
     # ---- running ------------------------------------------------------------------------------------------
 
     async def run(self, request: Request, job: Job, deadline: float | None, *, bounded: bool = True) -> Job:
@@ -161,9 +172,9 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
     @app.post("/sdapi/v1/txt2img", response_model=schemas.ImageResponse, responses=ERRORS)
     async def txt2img(req: schemas.Txt2ImgRequest, request: Request):
         """Text to image (A1111's fields); `enable_hr` draws the hires fix."""
-        ctx = server.context()
-        plan = a1111.txt2img_plan(req, ctx)
+        plan = a1111.txt2img_plan(req, server.context())
         check_saving(server, req)
+        keep_overrides(server, req)
         deadline = server.deadline()
         job = await draw_plan(server, request, plan.requests, deadline)
         if plan.hires is not None and not job.interrupted:
@@ -175,9 +186,9 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
     @app.post("/sdapi/v1/img2img", response_model=schemas.ImageResponse, responses=ERRORS)
     async def img2img(req: schemas.Img2ImgRequest, request: Request):
         """Image to image; with `mask`, inpainting (white is repainted)."""
-        ctx = server.context()
-        plan = await run_in_threadpool(a1111.img2img_plan, req, ctx)
+        plan = await run_in_threadpool(a1111.img2img_plan, req, server.context())
         check_saving(server, req)
+        keep_overrides(server, req)
         job = await draw_plan(server, request, plan.requests, server.deadline())
         return await respond(server, plan, req, job)
 
@@ -188,6 +199,13 @@ def add_generation_routes(app: FastAPI, server: Server) -> None:
         job = await server.run(request, Job([], work=work), server.deadline())
         image = await run_in_threadpool(pictures.encode_png, job.result, info)
         return {"html_info": info, "image": image if req.show_extras_results else None}
+
+
+def keep_overrides(server: Server, req: schemas.GenerationRequest) -> None:
+    """`override_settings_restore_afterwards: false`: the overrides stay set for later requests (A1111's rule)."""
+    if req.override_settings and not req.override_settings_restore_afterwards:
+        server.set_options({k: v for k, v in req.override_settings.items() if v is not None},
+                           prefix="override_settings.")
 
 
 def check_saving(server: Server, req: schemas.GenerationRequest) -> None:
@@ -307,13 +325,7 @@ def add_info_routes(app: FastAPI, server: Server) -> None:
     @app.post("/sdapi/v1/options", responses=ERRORS)
     async def set_options(options: schemas.Options) -> None:
         """Set options; sd_model_checkpoint switches among the loaded models (nothing is loaded from disk)."""
-        given = options.model_dump(exclude_none=True)
-        if given.pop("sd_checkpoint_hash", None) not in (None, server.options["sd_checkpoint_hash"]):
-            raise Unsupported("sd_checkpoint_hash", "read-only; choose the model with sd_model_checkpoint")
-        if "sd_model_checkpoint" in given:
-            server.manager.switch(a1111.find_model(given.pop("sd_model_checkpoint"), server.context(),
-                                                   "sd_model_checkpoint").name)
-        server.options.update(given)
+        server.set_options(options.model_dump(exclude_none=True))
 
     @app.post("/sdapi/v1/png-info", response_model=schemas.PNGInfoResponse, responses=ERRORS)
     async def png_info(req: schemas.PNGInfoRequest):
