@@ -240,3 +240,21 @@ def test_tensors_are_refused_exactly_when_not_finite(values):
         assert not finite and "NaN or infinite" in str(error)
     else:
         assert finite
+
+
+def test_float16_vae_overflow_is_an_error_saying_what_to_do(sd1_folder):
+    """A float16 VAE whose activations overflow (as SD VAEs can) gives NonFiniteResultError, not a black picture."""
+    from stablepipe.pipelines.arguments import NonFiniteResultError
+
+    pipe = stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pipe.vae.post_quant_conv.weight.mul_(3e4)
+        pipe.vae.post_quant_conv.bias.mul_(3e4)
+    pipe.vae.to(torch.float16)
+    with pytest.raises(NonFiniteResultError, match=r"VAE decoder.*image\(s\) \[0\].*float16 overflowed in the VAE: use "
+                                                   r"torch_dtype=torch.bfloat16 or torch.float32"):
+        call(pipe, "sd", guidance_scale=1.0)
+    pipe.vae.to(torch.float32)
+    out = call(pipe, "sd", guidance_scale=1.0, output_type="latent")  # the loop itself was fine
+    assert torch.isfinite(out.images).all()
