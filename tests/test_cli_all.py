@@ -39,7 +39,7 @@ def flags_of(command: str) -> set[str]:
 
 def test_every_task_is_a_subcommand():
     registered = set(build_parser()._subparsers._group_actions[0].choices)
-    assert registered == set(COMMANDS) == {*IMAGE_COMMANDS, "ui", "convert"}
+    assert registered == set(COMMANDS) == {*IMAGE_COMMANDS, "ui", "serve", "batch", "convert"}
 
 
 @pytest.mark.parametrize("command", IMAGE_COMMANDS)
