@@ -71,6 +71,12 @@ def bomb_in_folder(env: Env):
     return traced(lambda: load(folder))
 
 
+def bomb_text_encoder(env: Env):
+    folder = env.folder()
+    bomb(folder / "text_encoder" / "model.safetensors")
+    return load(folder)  # transformers reads it: the header is checked before
+
+
 def bomb_lora(env: Env):
     path = bomb(env.tmp / "lora.safetensors")
     return traced(lambda: env.pipe.load_lora_weights(path))
@@ -186,6 +192,7 @@ ROWS: list[tuple[str, Callable[[Env], Any], str | None]] = [
     # item 2: every reader checks the header against the file before allocating
     ("94-byte safetensors claiming 3.5 GB, single file", bomb_single_file, "ends inside tensor 'w'"),
     ("94-byte safetensors as a folder's UNet weights", bomb_in_folder, "ends inside tensor 'w'"),
+    ("94-byte safetensors as a folder's text encoder weights", bomb_text_encoder, "ends inside tensor 'w'"),
     ("94-byte safetensors as a LoRA", bomb_lora, "ends inside tensor 'w'"),
     ("94-byte safetensors as an embedding", bomb_embedding, "ends inside tensor 'w'"),
     ("tensors overlapping", header_file({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},

@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from stablepipe.loading.files import read_json_object, snapshot
+from stablepipe.loading.checkpoint import CheckpointError
+from stablepipe.loading.files import read_json_object, safetensors_header, snapshot
 
 # Libraries named in model_index.json whose classes stablepipe implements itself.
 OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stable_diffusion_safe", "stablepipe"}
@@ -71,7 +72,13 @@ def load_component(cls: type, folder: Path, *, torch_dtype: torch.dtype | None, 
 def load_transformers_model(
     cls: type, folder: Path, *, torch_dtype: torch.dtype | None, variant: str | None
 ) -> torch.nn.Module:
-    """A transformers model, failing loudly on missing, unexpected or mismatched weights."""
+    """A transformers model, failing loudly on missing, unexpected or mismatched weights (and, before transformers
+    reads them, on safetensors files whose header does not fit the file)."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            safetensors_header(path)
+        except CheckpointError as err:
+            raise OSError(str(err)) from err
     kwargs: dict[str, Any] = {"output_loading_info": True}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
