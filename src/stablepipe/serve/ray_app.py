@@ -24,11 +24,11 @@ HEALTH_CHECK_PERIOD_S = 2.0  # how often Serve checks a replica (a dead one is r
 
 
 def require_serve() -> Any:
-    """`ray.serve`, or an ImportError saying how to install it."""
+    """`ray.serve`, or a ModuleNotFoundError (name "ray") saying how to install it."""
     try:
         from ray import serve
     except ImportError:
-        raise ImportError(RAY_MISSING) from None
+        raise ModuleNotFoundError(RAY_MISSING, name="ray") from None
     return serve
 
 
@@ -71,9 +71,9 @@ def serve_on_ray(config: ServeConfig, *, replicas: int = 1, address: str | None 
                  say=print) -> str:
     """Deploy the app on the Ray cluster at `address` (None: RAY_ADDRESS or a new local one), its HTTP proxy on
     host:port; returns the API's base URL. With `block`, serves until interrupted, then shuts Serve down."""
+    serve = require_serve()
     import ray
 
-    serve = require_serve()
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
@@ -101,7 +101,8 @@ def config_from_args(args: Mapping[str, Any]) -> ServeConfig:
     known = {f.name for f in dataclasses.fields(ServeConfig)}
     unknown = sorted(set(args) - known)
     if unknown:
-        raise ValueError(f"unknown stablepipe serve setting {unknown[0]!r}; the settings are {', '.join(sorted(known))}")
+        raise ValueError(f"unknown stablepipe serve setting {unknown[0]!r}; the settings are "
+                         f"{', '.join(sorted(known))}")
     values = dict(args)
     if "models" in values:
         models = values["models"]
