@@ -215,6 +215,17 @@ class MemoryOptionsMixin:
             for part in (self.vae.encoder, self.vae.decoder):
                 part.compile(**compile_kwargs)
 
+    def enable_fast(self, *, compile: bool | None = None) -> None:
+        """One switch for speed, same pictures up to rounding: fused QKV projections, channels-last UNet and VAE, and
+        (by default on CUDA only) the UNet compiled with CUDA graphs (`mode="reduce-overhead"`; inductor caches the
+        compiled code between runs). On CPU the default leaves the UNet eager: there the compiled attention kernel
+        (`stablepipe.kernels`) is what makes it fast, and torch.compile gained 5 % after 5 minutes of compiling."""
+        self.fuse_qkv_projections()
+        self.enable_channels_last()
+        on_cuda = self.device.type == "cuda"
+        if compile if compile is not None else on_cuda:
+            self.enable_torch_compile(vae=False, mode="reduce-overhead" if on_cuda else None)
+
     def enable_step_cache(self, interval: int = 2) -> None:
         """DeepCache-style step caching (`pipelines/step_cache.py`): the whole UNet runs every `interval`-th step,
         the steps between reuse its deep features and run only the outermost level. Faster; the picture changes."""
