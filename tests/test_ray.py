@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -293,6 +294,16 @@ def test_the_serve_run_config_file_is_valid_and_builds_the_app():
     assert type(build_app(app.args)).__name__ == "Application"
     with pytest.raises(ValueError, match="unknown stablepipe serve setting 'max_batches'"):
         config_from_args({"max_batches": 4})
+
+
+def test_without_ray_serve_the_error_says_how_to_install_it(monkeypatch):
+    from stablepipe.serve import ServeConfig
+    from stablepipe.serve.ray_app import build_deployment
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "stablepipe\[ray\]"') as caught:
+        build_deployment(ServeConfig())
+    assert caught.value.name == "ray"  # what `stablepipe serve --ray` turns into its one-line message
 
 
 def test_every_ray_process_listens_on_loopback_only(ray_cluster):

@@ -73,6 +73,9 @@ def run_on_ray(run: BatchRun, options: ModelOptions, *, address: str | None = No
             jobs, files = pool.get_next_unordered()
             run.finish_group(jobs, files)
             drawn += len(jobs)
+    except ray.exceptions.RayActorError as err:
+        raise OSError(f"a Ray worker died more than {RESTARTS} times ({err.__class__.__name__}); the {drawn} images "
+                      f"drawn are recorded in {run.manifest.path}: run the same command with --resume") from err
     finally:
         for worker in actors:
             ray.kill(worker)
