@@ -30,5 +30,6 @@ def resolve_dtype(torch_dtype: Any = None, dtype: Any = None) -> torch.dtype | N
         return DTYPE_NAMES[value.strip().lower().removeprefix("torch.")]
     raise TypeError(
         f"torch_dtype must be a floating-point torch dtype such as torch.float16, torch.bfloat16 or torch.float32 "
-        f"(or its name, 'float16'), not {value!r}; pass torch.float16"
+        f"(or its name, 'float16'), not {value!r}; pass torch.float16. (diffusers would load float32 here and only "
+        "log a warning; stablepipe refuses, so that a typo does not silently cost memory and speed)"
     )
