@@ -69,7 +69,7 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
 
         try:
             return [key for key in safetensors_header(path) if key != "__metadata__"]
-        except Exception as err:  # a header that is not one
+        except OSError as err:  # unreadable; a damaged header raises its own CheckpointError
             raise corrupt_error(path, err) from err
     return list(read_checkpoint(path).state)
 
