@@ -188,19 +188,38 @@ inline void softmax_block(__m512 (&acc)[ROWS][BLOCK_GROUPS], int last_lanes, flo
 
 // ---- P v: out[r] = alpha[r] out[r] + sum_j p[r, j] v[j], for C chunks of 16 dims (+ a tail of 8) ----------------
 
+// ROWS rows of C 16-dim chunks (+ a tail of 8 dims) of the running output, in registers while P v runs.
+template <int C, bool TAIL>
+struct OutTile {
+  __m512 acc[ROWS][C > 0 ? C : 1];
+  __m256 tail[ROWS];
+
+  inline void load(const float* out, int64_t dim, const float* alpha) {  // scaled by alpha = exp(m_old - m_new)
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 5
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_loadu_ps(out + r * dim + c * LANES));
+      if (TAIL) tail[r] = _mm256_mul_ps(_mm512_castps512_ps256(a), _mm256_loadu_ps(out + r * dim + C * LANES));
+    }
+  }
+
+  inline void store(float* out, int64_t dim) const {
+#pragma GCC unroll 4
+    for (int r = 0; r < ROWS; ++r) {
+#pragma GCC unroll 5
+      for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * dim + c * LANES, acc[r][c]);
+      if (TAIL) _mm256_storeu_ps(out + r * dim + C * LANES, tail[r]);
+    }
+  }
+};
+
 #if SP_HAVE_BF16
 template <int C, bool TAIL>
 inline void pv_chunks(const c10::BFloat16* p, const c10::BFloat16* vp, int64_t pair_stride, int64_t pairs,
                       float* out, int64_t dim, const float* alpha) {
-  __m512 acc[ROWS][C > 0 ? C : 1];
-  __m256 tail[ROWS];
-#pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-#pragma GCC unroll 5
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_loadu_ps(out + r * dim + c * LANES));
-    if (TAIL) tail[r] = _mm256_mul_ps(_mm512_castps512_ps256(a), _mm256_loadu_ps(out + r * dim + C * LANES));
-  }
+  OutTile<C, TAIL> o;
+  o.load(out, dim, alpha);
   for (int64_t j = 0; j < pairs; ++j) {
     const c10::BFloat16* vj = vp + j * pair_stride;
     __m512bh vv[C > 0 ? C : 1];
@@ -214,31 +233,19 @@ inline void pv_chunks(const c10::BFloat16* p, const c10::BFloat16* vp, int64_t p
       std::memcpy(&pair, p + r * BLOCK_GROUPS * LANES + 2 * j, sizeof(pair));
       const __m512i pb = _mm512_set1_epi32(pair);
 #pragma GCC unroll 5
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], (__m512bh)pb, vv[c]);
-      if (TAIL) tail[r] = _mm256_dpbf16_ps(tail[r], (__m256bh)_mm512_castsi512_si256(pb), vt);
+      for (int c = 0; c < C; ++c) o.acc[r][c] = _mm512_dpbf16_ps(o.acc[r][c], (__m512bh)pb, vv[c]);
+      if (TAIL) o.tail[r] = _mm256_dpbf16_ps(o.tail[r], (__m256bh)_mm512_castsi512_si256(pb), vt);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 5
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * dim + c * LANES, acc[r][c]);
-    if (TAIL) _mm256_storeu_ps(out + r * dim + C * LANES, tail[r]);
-  }
+  o.store(out, dim);
 }
 #endif
 
 template <int C, bool TAIL>
 inline void pv_chunks(const float* p, const float* v, int64_t v_stride, int64_t keys, float* out, int64_t dim,
                       const float* alpha) {
-  __m512 acc[ROWS][C > 0 ? C : 1];
-  __m256 tail[ROWS];
-#pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) {
-    const __m512 a = _mm512_set1_ps(alpha[r]);
-#pragma GCC unroll 5
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_mul_ps(a, _mm512_loadu_ps(out + r * dim + c * LANES));
-    if (TAIL) tail[r] = _mm256_mul_ps(_mm512_castps512_ps256(a), _mm256_loadu_ps(out + r * dim + C * LANES));
-  }
+  OutTile<C, TAIL> o;
+  o.load(out, dim, alpha);
   for (int64_t j = 0; j < keys; ++j) {
     const float* vj = v + j * v_stride;
     __m512 vv[C > 0 ? C : 1];
@@ -250,16 +257,11 @@ inline void pv_chunks(const float* p, const float* v, int64_t v_stride, int64_t 
     for (int r = 0; r < ROWS; ++r) {
       const __m512 pb = _mm512_set1_ps(p[r * BLOCK_GROUPS * LANES + j]);
 #pragma GCC unroll 5
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(pb, vv[c], acc[r][c]);
-      if (TAIL) tail[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(pb), vt, tail[r]);
+      for (int c = 0; c < C; ++c) o.acc[r][c] = _mm512_fmadd_ps(pb, vv[c], o.acc[r][c]);
+      if (TAIL) o.tail[r] = _mm256_fmadd_ps(_mm512_castps512_ps256(pb), vt, o.tail[r]);
     }
   }
-#pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r) {
-#pragma GCC unroll 5
-    for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + r * dim + c * LANES, acc[r][c]);
-    if (TAIL) _mm256_storeu_ps(out + r * dim + C * LANES, tail[r]);
-  }
+  o.store(out, dim);
 }
 
 template <typename T, bool TAIL>
