@@ -10,7 +10,8 @@ and each library loads that same folder. Every run is a fresh subprocess, so eac
 scheduler, PNDM or Euler; no safety checker), `peak RSS` the process's high-water mark (VmHWM) over loading and
 the image together. Rounds alternate the libraries; the best time of each is kept and the ratio is taken per
 round. The images of the two libraries are compared (max abs difference on [0, 1]). Variants of stablepipe
-(--ours) add options: `channels_last` (models in channels-last memory format), `fused` (fused QKV projections).
+(--ours) add options: `channels_last` (models in channels-last memory format), `fused` (fused QKV projections),
+`step_cacheN` (step caching, the whole UNet every N-th step); `PSNR` is against diffusers' picture.
 """
 
 from __future__ import annotations
@@ -51,13 +52,16 @@ def run_worker(args: argparse.Namespace) -> None:
             pipe.enable_channels_last()
         elif option == "fused":
             pipe.fuse_qkv_projections()
+        elif option.startswith("step_cache"):  # step_cacheN: whole UNet every N-th step
+            pipe.enable_step_cache(interval=int(option.removeprefix("step_cache")))
     pipe.set_progress_bar_config(disable=True)
     load_s, rss_loaded = time.perf_counter() - start, peak_rss_mib()
-    start = time.perf_counter()
+    now = common.clock()  # with --threads 1 the image is timed in the thread's CPU time (robust to other load)
+    start = now()
     image = pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=args.steps,
                  guidance_scale=5.0 if args.model == "sdxl" else 7.5, generator=torch.Generator().manual_seed(0),
                  output_type="np").images[0]  # fmt: skip
-    image_s = time.perf_counter() - start
+    image_s = now() - start
     np.save(args.save, np.asarray(image, dtype=np.float32))
     emit({"lib": args.lib, "options": args.options, "dtype": dtype_name, "load_s": load_s, "image_s": image_s,
           "peak_rss_mib": peak_rss_mib(), "rss_after_load_mib": rss_loaded})  # fmt: skip
@@ -96,10 +100,13 @@ def compare(args: argparse.Namespace) -> None:
                 best = min(runs[name], key=lambda x: x["image_s"])
                 ratio = statistics.median(d["image_s"] / o["image_s"] for d, o in zip(runs["diffusers"], runs[name]))
                 rss = max(x["peak_rss_mib"] for x in runs[name]) / max(x["peak_rss_mib"] for x in runs["diffusers"])
-                diff = float(np.abs(np.load(Path(scratch, f"{name}-{dtype}.npy")) - reference).max())
+                image = np.load(Path(scratch, f"{name}-{dtype}.npy")).astype(np.float64)
+                diff = float(np.abs(image - reference).max())
+                psnr = 10 * np.log10(1 / max(float(np.mean((image - reference) ** 2)), 1e-20))
                 print(f"{dtype:9s} {name:28s} image {best['image_s']:7.1f} s (x{ratio:.2f} vs diffusers) | "
                       f"load {best['load_s']:5.1f} s | peak RSS {best['peak_rss_mib']:7.0f} MiB (x{rss:.2f}) | "
-                      f"after load {best['rss_after_load_mib']:7.0f} MiB | max abs diff {diff:.1e}")  # fmt: skip
+                      f"after load {best['rss_after_load_mib']:7.0f} MiB | max abs diff {diff:.1e} | "
+                      f"PSNR {psnr:5.1f} dB")  # fmt: skip
 
 
 def main() -> None:
