@@ -232,7 +232,7 @@ def test_plain_sd_vae_is_refused_with_a_fix(sd1_folder):
         (dict(output_type="jpeg"), "output_type"),
         (dict(height=30), "multiple of 8"),
         (dict(prompt=None), "prompt"),
-        (dict(ip_adapter_image=PIL.Image.new("RGB", (8, 8))), "unknown arguments"),
+        (dict(prompt_3="a third prompt"), "unknown arguments"),
     ],
 )
 def test_bad_input_is_refused_early(pipes, kwargs, match):

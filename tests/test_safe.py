@@ -254,7 +254,7 @@ def test_loads_the_aiml_tuda_layout(safe_folder, tmp_path):
         (dict(callback_steps=0), ValueError, "callback_steps must be a positive integer"),
         (dict(height=36), ValueError, "height must be a positive multiple of 8"),
         (dict(prompt=["a", "b"], negative_prompt=["c"]), ValueError, "got 1 negative prompts for 2 prompts"),
-        (dict(ip_adapter_image=object()), TypeError, r"unknown arguments \['ip_adapter_image'\]"),
+        (dict(prompt_3=object()), TypeError, r"unknown arguments \['prompt_3'\]"),
     ],
 )
 def test_bad_input_is_a_clear_error(loaded, kwargs, error, message):

@@ -147,7 +147,7 @@ def test_components_share_weights(sd1_folder):
     assert other.unet is ours.unet
     assert other.unet.conv_in.weight.data_ptr() == ours.unet.conv_in.weight.data_ptr()
     assert set(ours.components) == {
-        "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor"
+        "vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor", "image_encoder"
     }
 
 

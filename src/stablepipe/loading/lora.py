@@ -13,11 +13,12 @@ dicts stay as they are. `fuse` adds the weighted deltas into the weights; `unfus
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class LoraState:
     fused: dict[tuple[str, str, str], torch.Tensor] = dataclasses.field(default_factory=dict)  # added deltas
     hooks: dict[tuple[str, str], Any] = dataclasses.field(default_factory=dict)
     enabled: bool = True
+    scale: float = 1.0  # this call's LoRA scale on top of the adapter weights (cross_attention_kwargs["scale"])
 
 
 # ---- reading files ---------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def make_hook(state: LoraState, component: str, module_name: str):
             if pair is None or (adapter, component, module_name) in state.fused:
                 continue
             weight = state.weights.get(adapter, {}).get(component, 1.0)
-            output = output + lora_output(layer, pair, args[0]) * (pair.scale * weight)
+            output = output + lora_output(layer, pair, args[0]) * (pair.scale * weight * state.scale)
         return output
 
     return add_adapters
@@ -297,6 +299,18 @@ class LoraLoaderMixin:
             for component in components:
                 listing.setdefault(component, []).append(name)
         return listing
+
+    @contextlib.contextmanager
+    def lora_scale(self, scale: float | None) -> Iterator[None]:
+        """Unfused adapters scaled by `scale` inside the block (None: unchanged), as diffusers'
+        `cross_attention_kwargs={"scale": s}` scales them for one pipeline call."""
+        state = self._lora
+        previous = state.scale
+        state.scale = previous if scale is None else float(scale)
+        try:
+            yield
+        finally:
+            state.scale = previous
 
     def disable_lora(self) -> None:
         self._lora.enabled = False

@@ -3,6 +3,7 @@
 Multi-head scaled dot-product attention is eq. (1) and sec. 3.2.2 of Vaswani et al. 2017; the transformer
 block (self-attention, cross-attention on the text, GEGLU feed-forward, each pre-normed and residual) is the
 `SpatialTransformer` of latent diffusion (Rombach et al. 2022, appendix). Attention runs through
+`stablepipe.kernels.scaled_dot_product_attention`: the compiled CPU kernel for bfloat16 where it applies, else
 `torch.nn.functional.scaled_dot_product_attention`. Module names are diffusers' state-dict names.
 
 Two options change how attention runs, never what it computes: attention slicing (`set_attention_slice`: the
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stablepipe.kernels.attention import scaled_dot_product_attention
+from stablepipe.models.base import checkpointed
 
 # ---- attention as a function ------------------------------------------------------------------------------
 
@@ -561,11 +563,12 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         )
         self.proj_out = proj(inner_dim, in_channels)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, attention: AttentionArgs | None = None) -> torch.Tensor:
         tokens, (h, w) = self.tokens_in(self.norm(x)), x.shape[-2:]  # (B, HW, inner)
         for block in self.transformer_blocks:
-            tokens = block(tokens, context, attention)
+            tokens = checkpointed(self, block, tokens, context, attention)
         return self.tokens_out(tokens, h, w, memory_format_of(x)).add_(x)  # (B, C, H, W)
 
     def tokens_in(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,35 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     config_name = "config.json"
     weights_name = WEIGHT_NAMES["diffusers"]
+    _supports_gradient_checkpointing = False
+    _keep_in_fp32_modules: list[str] | None = None  # modules (by name) that `from_pretrained` keeps in float32
+
+    def __getattr__(self, name: str) -> Any:
+        """Parameters, buffers and submodules as any module; then config values, with diffusers' FutureWarning."""
+        try:
+            return nn.Module.__getattr__(self, name)
+        except AttributeError:
+            return ConfigMixin.__getattr__(self, name)
+
+    # -- gradient checkpointing (diffusers' names) ------------------------------------------------------------
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute block activations in the backward pass instead of keeping them: less memory in training."""
+        if not self._supports_gradient_checkpointing:
+            raise ValueError(f"{type(self).__name__} does not support gradient checkpointing")
+        self._set_gradient_checkpointing(True)
+
+    def disable_gradient_checkpointing(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
+    def _set_gradient_checkpointing(self, enabled: bool) -> None:
+        for module in self.modules():
+            if hasattr(module, "gradient_checkpointing"):
+                module.gradient_checkpointing = enabled
 
     @property
     def device(self) -> torch.device:
@@ -77,7 +107,8 @@ class ModelMixin(nn.Module, ConfigMixin):
             model = cls.from_config(config)
         check_state_dict(model, state, where=where)
         if torch_dtype is not None:
-            state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+            state = {k: v.to(_load_dtype(cls, k, torch_dtype)) if v.is_floating_point() else v
+                     for k, v in state.items()}
         model.load_state_dict(state, assign=True)
         model.init_buffers()
         return model.eval()
@@ -86,19 +117,91 @@ class ModelMixin(nn.Module, ConfigMixin):
         """Recompute non-persistent buffers after building on the meta device; override where needed."""
 
     def save_pretrained(
-        self, folder: str | os.PathLike, *, variant: str | None = None, safe_serialization: bool = True
+        self,
+        folder: str | os.PathLike,
+        *,
+        variant: str | None = None,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "10GB",
+        **_: Any,
     ) -> Path:
-        """Write `config.json` and the weights in diffusers' layout."""
-        from safetensors.torch import save_file
-
+        """Write `config.json` and the weights in diffusers' layout: one file, or shards of at most
+        `max_shard_size` (bytes, or "5GB", "200MB") and their `.index.json`; returns the file or the index."""
         folder = Path(folder)
         self.save_config(folder)
-        suffix = f".{variant}" if variant else ""
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        if safe_serialization:
-            path = folder / f"{self.weights_name}{suffix}.safetensors"
-            save_file(state, str(path), metadata={"format": "pt"})
+        return save_weights(state, folder, self.weights_name, variant=variant, safe=safe_serialization,
+                            max_shard_size=parse_size(max_shard_size))
+
+
+def checkpointed(owner: nn.Module, fn, *args: Any) -> Any:
+    """`fn(*args)`; with `owner.gradient_checkpointing` on and gradients enabled its activations are recomputed
+    in the backward pass instead of kept (Chen et al. 2016, "Training deep nets with sublinear memory cost")."""
+    if owner.gradient_checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def _load_dtype(cls: type, key: str, torch_dtype: torch.dtype) -> torch.dtype:
+    """float32 for the tensors of `cls._keep_in_fp32_modules` (by module name), else `torch_dtype`."""
+    keep = cls._keep_in_fp32_modules or ()
+    return torch.float32 if any(name in key.split(".") for name in keep) else torch_dtype
+
+
+SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "B": 1}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as "10GB", "200MB", "5GiB"."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper()
+    for unit in sorted(SIZE_UNITS, key=len, reverse=True):
+        if text.endswith(unit) and text[: -len(unit)].strip().replace(".", "", 1).isdigit():
+            return int(float(text[: -len(unit)]) * SIZE_UNITS[unit])
+    raise ValueError(f"max_shard_size {size!r} is not a size; give bytes (an int) or a string like '5GB' or '200MB'")
+
+
+def shard_state(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Split a state dict, in order, into shards of at most `max_bytes` (a larger tensor gets a shard alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][key] = tensor
+        size += nbytes
+    return shards
+
+
+def save_weights(
+    state: dict[str, torch.Tensor], folder: Path, base: str, *, variant: str | None, safe: bool, max_shard_size: int
+) -> Path:
+    """Write `state` as `base[.variant].safetensors` (or `.bin`), sharded with an index as diffusers names them
+    (`base-00001-of-00002[.variant].safetensors`, `base.safetensors.index[.variant].json`) when it is larger."""
+    from safetensors.torch import save_file
+
+    ext = "safetensors" if safe else "bin"
+    suffix = f".{variant}" if variant else ""
+    shards = shard_state(state, max_shard_size)
+
+    def write(tensors: dict[str, torch.Tensor], path: Path) -> None:
+        if safe:
+            save_file(tensors, str(path), metadata={"format": "pt"})
         else:
-            path = folder / f"{self.weights_name}{suffix}.bin"
-            torch.save(state, path)
+            torch.save(tensors, path)
+
+    if len(shards) == 1:
+        write(state, path := folder / f"{base}{suffix}.{ext}")
         return path
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        name = f"{base}-{i:05d}-of-{len(shards):05d}{suffix}.{ext}"
+        write(shard, folder / name)
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = folder / f"{base}.{ext}.index{suffix}.json"
+    index.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return index

@@ -25,7 +25,7 @@ from stablepipe.models.attention import (
     SpatialSelfAttention,
     Transformer2DModel,
 )
-from stablepipe.models.base import ModelMixin
+from stablepipe.models.base import ModelMixin, checkpointed
 from stablepipe.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
 from stablepipe.outputs import BaseOutput
@@ -83,6 +83,7 @@ class DownBlock2D(nn.Module):
         self.resnets = nn.ModuleList(resnet.build(w, out_channels) for w in widths)
         down = Downsample2D(out_channels, out_channels, padding=downsample_padding)
         self.downsamplers = nn.ModuleList([down]) if add_downsample else None
+        self.gradient_checkpointing = False
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None,
@@ -90,7 +91,7 @@ class DownBlock2D(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         skips = []
         for i, resnet in enumerate(self.resnets):
-            x = self.layer(i, resnet(x, temb), context, attention)  # (B, C_out, H, W)
+            x = self.layer(i, checkpointed(self, resnet, x, temb), context, attention)  # (B, C_out, H, W)
             skips.append(x)
         if self.downsamplers is not None:
             x = self.downsamplers[0](x)  # (B, C_out, H/2, W/2)
@@ -132,6 +133,7 @@ class UpBlock2D(nn.Module):
         skips = [out_channels] * (num_layers - 1) + [in_channels]  # from the down path
         self.resnets = nn.ModuleList(resnet.build(i + s, out_channels) for i, s in zip(inputs, skips))
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
+        self.gradient_checkpointing = False
 
     def forward(
         self,
@@ -144,7 +146,7 @@ class UpBlock2D(nn.Module):
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
             x = torch.cat([x, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
-            x = self.layer(i, resnet(x, temb), context, attention)
+            x = self.layer(i, checkpointed(self, resnet, x, temb), context, attention)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)  # (B, C_out, 2H, 2W)
         return x
@@ -178,12 +180,13 @@ class UNetMidBlock2D(nn.Module):
         heads_of = {"heads": 1, "norm_num_groups": resnet.groups, "eps": resnet.eps}
         count = num_layers if add_attention else 0
         self.attentions = nn.ModuleList(SpatialSelfAttention(channels, **heads_of) for _ in range(count))
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, context=None, attention=None) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
+        x = checkpointed(self, self.resnets[0], x, temb)
         for i, resnet in enumerate(self.resnets[1:]):
             x = self.attentions[i](x) if len(self.attentions) else x
-            x = resnet(x, temb)
+            x = checkpointed(self, resnet, x, temb)
         return x
 
 
@@ -194,13 +197,14 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         super().__init__()
         self.resnets = nn.ModuleList([resnet.build(channels, channels), resnet.build(channels, channels)])
         self.attentions = nn.ModuleList([transformer.build(channels, _per_layer(transformer_layers, 1)[0])])
+        self.gradient_checkpointing = False
 
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None,
         attention: AttentionArgs | None = None,
     ) -> torch.Tensor:
-        x = self.resnets[0](x, temb)
-        return self.resnets[1](self.attentions[0](x, context, attention), temb)  # (B, C, H, W)
+        x = checkpointed(self, self.resnets[0], x, temb)
+        return checkpointed(self, self.resnets[1], self.attentions[0](x, context, attention), temb)  # (B, C, H, W)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -455,6 +459,8 @@ class UNet2DConditionOutput(BaseOutput):
 
 class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, FusedProjectionsMixin, ModelMixin):
     """The noise predictor eps(x_t, t, text) of latent diffusion, configured as diffusers' class of that name."""
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

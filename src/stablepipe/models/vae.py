@@ -13,7 +13,7 @@ from torch import nn
 
 from stablepipe.configuration import register_to_config
 from stablepipe.models.attention import AttentionProcessorMixin, FusedProjectionsMixin
-from stablepipe.models.base import ModelMixin
+from stablepipe.models.base import ModelMixin, checkpointed
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
 from stablepipe.models.unet import UNetMidBlock2D
 from stablepipe.outputs import BaseOutput
@@ -128,12 +128,13 @@ class Encoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(resnet.groups, widths[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(widths[-1], 2 * latent_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.conv_in(x)  # (B, C0, H, W)
         for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)  # (B, C_last, h, w)
+            x = checkpointed(self, block, x)
+        x = checkpointed(self, self.mid_block, x)  # (B, C_last, h, w)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))  # (B, 2 * latent, h, w)
 
 
@@ -167,11 +168,12 @@ class Decoder(nn.Module):
         self.conv_norm_out = nn.GroupNorm(resnet.groups, widths[-1], eps=1e-6)
         self.conv_act = nn.SiLU()
         self.conv_out = nn.Conv2d(widths[-1], out_channels, kernel_size=3, padding=1)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))  # (B, C_last, h, w)
+        x = checkpointed(self, self.mid_block, self.conv_in(z))  # (B, C_last, h, w)
         for block in self.up_blocks:
-            x = block(x)
+            x = checkpointed(self, block, x)
         return self.conv_out(self.conv_act(self.conv_norm_out(x)))  # (B, out, H, W)
 
 
@@ -181,6 +183,8 @@ class AutoencoderKL(AttentionProcessorMixin, FusedProjectionsMixin, ModelMixin):
     `scaling_factor` (and `shift_factor`, `latents_mean`/`latents_std` where set) are for the pipelines:
     diffusion latents are `(z - shift) * scaling_factor`; `encode`/`decode` work on unscaled `z`.
     """
+
+    _supports_gradient_checkpointing = True
 
     @register_to_config
     def __init__(

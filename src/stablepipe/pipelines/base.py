@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import inspect
 import json
@@ -32,6 +33,31 @@ class StableDiffusionPipelineOutput(BaseOutput):
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     nsfw_content_detected: list[bool] | None = None
+
+
+def diffusers_call(call):
+    """Decorate a pipeline's `__call__` with what diffusers' pipelines do around theirs: `cross_attention_kwargs=
+    {"scale": s}` scales the LoRA adapters for the call; IP-Adapter inputs, which stablepipe does not run yet,
+    are refused with what to do (the `image_encoder` component itself is accepted and kept)."""
+
+    @functools.wraps(call)
+    def wrapper(self, *args, **kwargs):
+        for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(
+                    f"{name}: stablepipe does not run IP-Adapters yet (the image_encoder component is accepted but "
+                    "unused); leave it None, or use diffusers for IP-Adapter generation"
+                )
+        with self.lora_scale((kwargs.get("cross_attention_kwargs") or {}).get("scale")):
+            return call(self, *args, **kwargs)
+
+    return wrapper
+
+
+def processor_kwargs(cross_attention_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """UNet kwargs for `cross_attention_kwargs` minus the LoRA "scale" (applied by `diffusers_call`)."""
+    rest = {k: v for k, v in (cross_attention_kwargs or {}).items() if k != "scale"}
+    return {"cross_attention_kwargs": rest} if rest else {}
 
 
 HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxies")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, pil_to_rgb
 from stablepipe.pipelines import arguments, image_stages, stages
-from stablepipe.pipelines.base import StableDiffusionPipelineOutput
+from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call, processor_kwargs
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -28,7 +28,7 @@ DEPTH_CHECKPOINT = "stabilityai/stable-diffusion-2-depth"
 class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
     """Depth-conditioned image-to-image. Runs no safety checker (as in diffusers)."""
 
-    _optional_components = ("depth_estimator", "feature_extractor", "safety_checker")
+    _optional_components = ("depth_estimator", "feature_extractor", "safety_checker", "image_encoder")
     _config_keys = ()
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "depth_mask")
     safety_checker = None  # `feature_extractor` is DPT's processor here, so a CLIP safety checker cannot run
@@ -43,9 +43,10 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         depth_estimator=None,
         feature_extractor=None,
         safety_checker=None,
+        image_encoder=None,
     ):
-        """`safety_checker` is accepted so that `StableDiffusionDepth2ImgPipeline(**other.components)` works;
-        it is not used."""
+        """`safety_checker` and `image_encoder` are accepted so that `StableDiffusionDepth2ImgPipeline(**other
+        .components)` works; they are not used."""
         image_stages.check_unet_channels(unet, [vae.config.latent_channels + 1], type(self).__name__)
         if safety_checker is not None:
             self.warn_once("StableDiffusionDepth2ImgPipeline runs no safety checker (as in diffusers); it is ignored")
@@ -56,6 +57,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -72,6 +74,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         negative_prompt_embeds: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -99,7 +102,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         depth = self.estimate_depth(images, dtype=dtype) if depth_map is None else depth_to_tensor(depth_map)
         depth = image_stages.repeat_to_batch(normalize_depth(depth.to(device), latent_size).to(dtype), batch,
                                              what="depth maps")  # (B, 1, h, w)
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds)
+        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, processor_kwargs(cross_attention_kwargs))
         extras = image_stages.UNetExtras({"depth_mask": image_stages.double_for_guidance(depth, cond.guided)})
         cond.extra_channels = extras.channels()
         # 5. Timesteps, the first (1 - strength) of them skipped

@@ -9,7 +9,7 @@ import torch
 
 from stablepipe.image import ImageInput
 from stablepipe.pipelines import arguments, image_stages, stages
-from stablepipe.pipelines.base import StableDiffusionPipelineOutput
+from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -26,16 +26,19 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         scheduler,
         safety_checker=None,
         feature_extractor=None,
+        image_encoder=None,
         requires_safety_checker: bool = True,
     ):
         image_stages.check_unet_channels(unet, [vae.config.latent_channels], type(self).__name__)
         super().__init__(
             vae, text_encoder, tokenizer, unet, scheduler, safety_checker=safety_checker,
-            feature_extractor=feature_extractor, requires_safety_checker=requires_safety_checker,
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
         )
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -51,8 +54,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         generator: Generator = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -89,7 +95,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         )
         latents, _ = image_stages.noise_to_timestep(self.scheduler, latents, timesteps[:1], generator=generator)
         # 6. Denoise
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, self.guidance_embedding(batch))
+        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
+        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
         latents = stages.denoise(
             self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
             step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),

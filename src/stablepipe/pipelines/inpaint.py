@@ -15,7 +15,7 @@ import torch
 
 from stablepipe.image import ImageInput
 from stablepipe.pipelines import arguments, image_stages, stages
-from stablepipe.pipelines.base import StableDiffusionPipelineOutput
+from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -34,13 +34,15 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         scheduler,
         safety_checker=None,
         feature_extractor=None,
+        image_encoder=None,
         requires_safety_checker: bool = True,
     ):
         channels = vae.config.latent_channels
         image_stages.check_unet_channels(unet, [2 * channels + 1, channels], type(self).__name__)
         super().__init__(
             vae, text_encoder, tokenizer, unet, scheduler, safety_checker=safety_checker,
-            feature_extractor=feature_extractor, requires_safety_checker=requires_safety_checker,
+            feature_extractor=feature_extractor, image_encoder=image_encoder,
+            requires_safety_checker=requires_safety_checker,
         )
 
     @property
@@ -50,6 +52,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -71,8 +74,11 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -115,7 +121,8 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             dtype=prompt_embeds.dtype, height=height, width=width,
         )
         # 6. Mask and masked-image latents, at latent size
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, self.guidance_embedding(batch))
+        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
+        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
         extras = self.mask_extras(init_image, mask, masked_image_latents, batch, generator=generator, cond=cond)
         # 7. Denoise (a 4-channel UNet gets the known area blended back after each step)
         latents = stages.denoise(

@@ -191,9 +191,9 @@ class StableDiffusionLDM3DPipeline(RGBDFinish, StableDiffusionPipeline):
         """`image_encoder` (IP-Adapter) is accepted so that diffusers' components fit; it is not used."""
         check_rgbd_vae(vae, type(self).__name__)
         super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, requires_safety_checker
+            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
+            requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(image_encoder=image_encoder)
 
     @torch.no_grad()
     @arguments.checked_call
@@ -323,7 +323,8 @@ class StableDiffusionUpscaleLDM3DPipeline(RGBDFinish, StableDiffusionBase):
             raise ValueError(f"{name} needs a UNet with a noise-level class embedding (num_class_embeds): "
                              "load Intel/ldm3d-sr")  # fmt: skip
         super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, requires_safety_checker
+            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
+            requires_safety_checker=requires_safety_checker,
         )
         self.register_modules(low_res_scheduler=low_res_scheduler, watermarker=watermarker)
         self.max_noise_level = max_noise_level

@@ -16,10 +16,11 @@ import numpy as np
 import PIL.Image
 import torch
 
-from stablepipe.image import denormalize, postprocess
+from stablepipe.image import ImageInput, denormalize, postprocess
 from stablepipe.models.safety import black_out, run_safety_checker
 from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import arguments, stages
+from stablepipe.pipelines.base import diffusers_call
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -135,9 +136,9 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
     ):
         """diffusers' components; `image_encoder` (for IP-Adapters, which stablepipe does not run) is only kept."""
         super().__init__(
-            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, requires_safety_checker
+            vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor, image_encoder,
+            requires_safety_checker=requires_safety_checker,
         )
-        self.register_modules(image_encoder=image_encoder)
         self._safety_concept = DEFAULT_SAFETY_CONCEPT
 
     @property
@@ -176,6 +177,7 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -199,6 +201,7 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
         sld_mom_beta: float = 0.4,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
         callback_on_step_end: Callable | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,

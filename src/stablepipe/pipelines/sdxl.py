@@ -19,6 +19,7 @@ import torch
 from stablepipe.image import OUTPUT_TYPES, ImageInput, postprocess
 from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import arguments, image_stages, sdxl_stages, stages
+from stablepipe.pipelines.base import diffusers_call
 from stablepipe.pipelines.inpaint import (
     StableDiffusionInpaintPipeline,
     check_masked_image_latents,
@@ -120,20 +121,19 @@ class StableDiffusionXLBase(StableDiffusionBase):
     ) -> PromptEmbeds:
         """Both encoders' embeddings, in the second encoder's dtype (the UNet's without one); `given` holds the
         (prompt, negative, pooled, negative pooled) embeddings passed in; `guided` defaults to this call's."""
-        if lora_scale is not None:
-            raise ValueError("lora_scale needs LoRA weights, which this pipeline has none of; leave it unset")
         encoders = self.text_encoders()
         if not encoders and given[0] is None:
             raise ValueError("this pipeline has no text encoder; pass prompt_embeds and pooled_prompt_embeds")
         dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
-        return sdxl_stages.encode_prompt(
-            encoders, prompt, prompt_2, device=device, dtype=dtype, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=self.do_classifier_free_guidance if guided is None else guided,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-            prompt_embeds=given[0], negative_prompt_embeds=given[1], pooled_prompt_embeds=given[2],
-            negative_pooled_prompt_embeds=given[3], clip_skip=clip_skip,
-            force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, prompt_weighting=self.prompt_weighting,
-        )
+        with self.lora_scale(lora_scale):  # the text encoders' LoRA adapters, as diffusers' lora_scale
+            return sdxl_stages.encode_prompt(
+                encoders, prompt, prompt_2, device=device, dtype=dtype, num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=self.do_classifier_free_guidance if guided is None else guided,
+                negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
+                prompt_embeds=given[0], negative_prompt_embeds=given[1], pooled_prompt_embeds=given[2],
+                negative_pooled_prompt_embeds=given[3], clip_skip=clip_skip,
+                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, prompt_weighting=self.prompt_weighting,
+            )
 
     def check_time_ids(self, pooled_prompt_embeds: torch.Tensor | None) -> None:
         """Does the UNet take the micro-conditioning this pipeline builds (6 ids, or 5 for the refiner)?"""
@@ -186,6 +186,7 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -207,6 +208,8 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -331,6 +334,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -353,6 +357,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,
@@ -424,6 +430,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -451,6 +458,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
         negative_prompt_embeds: torch.Tensor | None = None,
         pooled_prompt_embeds: torch.Tensor | None = None,
         negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
         cross_attention_kwargs: dict[str, Any] | None = None,

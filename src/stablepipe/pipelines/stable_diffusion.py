@@ -7,10 +7,10 @@ from typing import Any
 
 import torch
 
-from stablepipe.image import denormalize, postprocess
+from stablepipe.image import ImageInput, denormalize, postprocess
 from stablepipe.models.safety import run_safety_checker
 from stablepipe.pipelines import arguments, stages
-from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
+from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, diffusers_call, processor_kwargs
 from stablepipe.random import Generator
 
 SAFETY_OFF_WARNING = (
@@ -22,7 +22,7 @@ SAFETY_OFF_WARNING = (
 class StableDiffusionBase(DiffusionPipeline):
     """The components and stages shared by the SD 1.x / 2.x pipelines."""
 
-    _optional_components = ("safety_checker", "feature_extractor")
+    _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     _config_keys = ("requires_safety_checker",)
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds")
 
@@ -35,15 +35,17 @@ class StableDiffusionBase(DiffusionPipeline):
         scheduler,
         safety_checker=None,
         feature_extractor=None,
+        image_encoder=None,
         requires_safety_checker: bool = True,
     ):
+        """diffusers' components; `image_encoder` (a CLIP vision model for IP-Adapters) is kept, not run yet."""
         if safety_checker is None and requires_safety_checker:
             self.warn_once(SAFETY_OFF_WARNING)
         if safety_checker is not None and feature_extractor is None:
             raise ValueError("a safety_checker needs its feature_extractor (a CLIPImageProcessor); pass both")
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-            safety_checker=safety_checker, feature_extractor=feature_extractor,
+            safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
         )
         self.requires_safety_checker = requires_safety_checker
 
@@ -79,6 +81,10 @@ class StableDiffusionBase(DiffusionPipeline):
             do_classifier_free_guidance=do_classifier_free_guidance, **kwargs,
         )
 
+    def unet_kwargs(self, batch: int, cross_attention_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+        """The UNet kwargs of every step: the guidance embedding (LCM) and the attention processors' kwargs."""
+        return {**self.guidance_embedding(batch), **processor_kwargs(cross_attention_kwargs)}
+
     def guidance_embedding(self, batch: int) -> dict[str, Any]:
         """UNet kwargs for guidance-distilled models (LCM): the guidance scale as `timestep_cond`."""
         dim = self.unet.config.get("time_cond_proj_dim")
@@ -109,6 +115,7 @@ class StableDiffusionPipeline(StableDiffusionBase):
 
     @torch.no_grad()
     @arguments.checked_call
+    @diffusers_call
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -125,8 +132,11 @@ class StableDiffusionPipeline(StableDiffusionBase):
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
+        ip_adapter_image: ImageInput | None = None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end: Callable | None = None,
@@ -161,7 +171,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
             init_noise_sigma=self.scheduler.init_noise_sigma,
         )
         # 5. Denoise
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, self.guidance_embedding(batch))
+        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
+        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
         latents = stages.denoise(
             self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
             step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),

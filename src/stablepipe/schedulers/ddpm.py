@@ -26,7 +26,7 @@ class DDPMScheduler(AlphaScheduler):
         beta_end: float = 0.02,
         beta_schedule: str = "linear",
         trained_betas: np.ndarray | list[float] | None = None,
-        variance_type: str = "fixed_small",
+        variance_type: str | None = "fixed_small",  # None: fixed_small (as diffusers, from DPM-Solver configs)
         clip_sample: bool = True,
         prediction_type: str = "epsilon",
         thresholding: bool = False,
@@ -37,7 +37,7 @@ class DDPMScheduler(AlphaScheduler):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        if variance_type not in VARIANCE_TYPES:
+        if variance_type is not None and variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; choose one of {', '.join(VARIANCE_TYPES)}")
         self._init_alpha_schedule()
         self.variance_type = variance_type
