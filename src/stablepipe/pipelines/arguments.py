@@ -46,7 +46,7 @@ REAL_ARGUMENTS = {
     "eta": Bound(0, 1, "0 is deterministic DDIM, 1 is DDPM's noise; above 1 the step takes a root of a negative"),
     "aesthetic_score": Bound(hint="e.g. 6.0"),
     "negative_aesthetic_score": Bound(hint="e.g. 2.5"),
-    "noise_level": Bound(0, None, "e.g. 20"),
+    "noise_level": Bound(hint="e.g. 20"),
     "sld_guidance_scale": Bound(hint="e.g. 1000"),
     "sld_threshold": Bound(hint="e.g. 0.01"),
     "sld_momentum_scale": Bound(hint="e.g. 0.3"),
@@ -89,7 +89,8 @@ def check_arguments(pipe, arguments: Mapping[str, Any]) -> None:
             check_tensor(name, arguments[name])
     for name in (*PICTURE_ARGUMENTS, *DEPTH_ARGUMENTS, "mask_image"):
         if arguments.get(name) is not None:
-            check_image(name, arguments[name], latent_channels=latent_channels(pipe))
+            check_image(name, arguments[name], latent_channels=latent_channels(pipe),
+                        tensor_range=not getattr(pipe, "image_tensors_are_clip_pixels", False))
     check_cross_attention_kwargs(arguments.get("cross_attention_kwargs"))
 
 
@@ -243,16 +244,17 @@ def latent_channels(pipe) -> int | None:
 # ---- images ------------------------------------------------------------------------------------------------
 
 
-def check_image(name: str, image: Any, *, latent_channels: int | None) -> None:
+def check_image(name: str, image: Any, *, latent_channels: int | None, tensor_range: bool = True) -> None:
     """Arrays and tensors in an image argument: finite; a colour picture is not a bare 2-D tensor and its float
-    values are in [0, 1] (or [-1, 1]), not 0..255; a float mask is in [0, 1]. PIL images need no check."""
+    values are in [0, 1] (or [-1, 1]), not 0..255 (for tensors unless `tensor_range` is off: the image-variation
+    pipeline reads tensors as CLIP-normalized pixel values); a float mask is in [0, 1]. PIL images pass."""
     for item in image if isinstance(image, list | tuple) else [image]:
         if not isinstance(item, np.ndarray | torch.Tensor):
             continue
         floating = item.dtype.kind == "f" if isinstance(item, np.ndarray) else item.is_floating_point()
         if floating and count_not_finite(item):
             raise ValueError(f"{name} holds {count_not_finite(item)} NaN or infinite values; give finite pixel values")
-        if name in PICTURE_ARGUMENTS:
+        if name in PICTURE_ARGUMENTS and (tensor_range or isinstance(item, np.ndarray)):
             check_picture(name, item, floating, latent_channels=latent_channels)
         elif name == "mask_image" and floating:
             check_mask_range(item)

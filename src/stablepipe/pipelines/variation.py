@@ -52,6 +52,7 @@ def clip_pixel_values(feature_extractor, image: VariationImage, *, image_size: i
 class StableDiffusionImageVariationPipeline(StableDiffusionBase):
     """Variations of an image with Stable Diffusion, conditioned on its CLIP image embedding."""
 
+    image_tensors_are_clip_pixels = True  # a tensor `image` is the feature extractor's output (arguments.py)
     _optional_components = ("safety_checker", "feature_extractor")
     _callback_tensor_inputs = ("latents",)
     _latent_unet = True
