@@ -59,13 +59,20 @@ def unavailable_reason() -> str | None:
 def compiled_ops():
     """`torch.ops.stablepipe_kernels`, built (or loaded from the cache) on first call; None where it cannot be."""
     reason = unavailable_reason()
-    if reason is None:
-        try:
-            return _load()
-        except Exception as error:  # a missing compiler, a failed build: any of them means "use PyTorch's kernel"
-            reason = f"the build failed ({type(error).__name__}: {str(error).strip().splitlines()[-1:]})"
-    log.warning("stablepipe: the compiled CPU kernels are not used, %s; PyTorch's kernels run instead", reason)
-    return None
+    if reason is not None:  # nothing to fix: said quietly
+        log.info("stablepipe: the compiled CPU kernels are not used, %s; PyTorch's kernels run instead", reason)
+        return None
+    try:
+        return _load()
+    except Exception as error:  # a missing compiler, a failed build: any of them means "use PyTorch's kernel"
+        last_line = (str(error).strip().splitlines() or [""])[-1]
+        log.warning(
+            "stablepipe: the compiled CPU kernels are not used, the build failed (%s: %s); PyTorch's "
+            "kernels run instead (STABLEPIPE_KERNELS=0 skips the build)",
+            type(error).__name__,
+            last_line,
+        )
+        return None
 
 
 def _load():
