@@ -81,6 +81,14 @@ def test_image_encoder_component_and_lora_scale(sd1_folder, tmp_path):
         ours("a cat", ip_adapter_image=torch.zeros(1, 3, 32, 32), num_inference_steps=1)
 
 
+def test_torch_dtype_by_component(sd1_folder):
+    pipe = stablepipe.StableDiffusionPipeline.from_pretrained(
+        sd1_folder, torch_dtype={"unet": torch.bfloat16, "default": torch.float16})
+    assert (pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype) == (torch.bfloat16,) + (torch.float16,) * 2
+    assert stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder, torch_dtype={"vae": "float16"}).unet.dtype \
+        == torch.float32  # components the dict does not name, without "default", load as stored
+
+
 # ---- scheduler configs -----------------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from stablepipe.loading.checkpoint import CheckpointError
+from stablepipe.loading.dtypes import dtype_for
 from stablepipe.loading.files import read_json_object, safetensors_header, snapshot
 
 # Libraries named in model_index.json whose classes stablepipe implements itself.
@@ -118,7 +119,7 @@ def load_components(
     optional: Iterable[str],
     *,
     given: dict[str, Any],
-    torch_dtype: torch.dtype | None,
+    torch_dtype: torch.dtype | dict[str, torch.dtype] | None,
     variant: str | None,
     pipeline_name: str,
 ) -> dict[str, Any]:
@@ -149,7 +150,7 @@ def load_components(
                 "the download may be incomplete"
             )
         cls = resolve_class(entry[0], entry[1], component=name)
-        loaded[name] = load_component(cls, folder, torch_dtype=torch_dtype, variant=variant)
+        loaded[name] = load_component(cls, folder, torch_dtype=dtype_for(torch_dtype, name), variant=variant)
     return loaded
 
 

@@ -16,6 +16,22 @@ DTYPE_NAMES = {
 }
 
 
+def resolve_dtypes(torch_dtype: Any = None, dtype: Any = None) -> torch.dtype | dict[str, torch.dtype] | None:
+    """`resolve_dtype`, or for a pipeline a dict {component name: dtype, "default": dtype} as diffusers takes it
+    (components it does not name get "default", or load as stored without one)."""
+    value = torch_dtype if torch_dtype is not None else dtype
+    if isinstance(value, dict):
+        return {name: resolve_dtype(v) for name, v in value.items()}
+    return resolve_dtype(torch_dtype, dtype)
+
+
+def dtype_for(torch_dtype: torch.dtype | dict[str, torch.dtype] | None, component: str) -> torch.dtype | None:
+    """The dtype a pipeline component loads in, from `resolve_dtypes`' result."""
+    if isinstance(torch_dtype, dict):
+        return torch_dtype.get(component, torch_dtype.get("default"))
+    return torch_dtype
+
+
 def resolve_dtype(torch_dtype: Any = None, dtype: Any = None) -> torch.dtype | None:
     """The floating-point dtype asked for by `torch_dtype` or its newer name `dtype` (diffusers 0.42 accepts both).
 

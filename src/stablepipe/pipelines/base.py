@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from stablepipe.loading import components as component_loading
-from stablepipe.loading.dtypes import resolve_dtype
+from stablepipe.loading.dtypes import resolve_dtype, resolve_dtypes
 from stablepipe.loading.files import fetch_file, is_local
 from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
@@ -152,7 +152,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
         torch dtype or its name ("float16"). `DiffusionPipeline.from_pretrained` builds the pipeline class that
         model_index.json names in `_class_name`, as diffusers does."""
         hub_kwargs = {k: kwargs.pop(k) for k in HUB_KWARGS if k in kwargs}
-        torch_dtype = resolve_dtype(torch_dtype, kwargs.pop("dtype", None))
+        torch_dtype = resolve_dtypes(torch_dtype, kwargs.pop("dtype", None))  # or {"unet": ..., "default": ...}
         index_path = fetch_file(path_or_repo_id, "model_index.json", revision=revision, **hub_kwargs)
         index = component_loading.read_model_index(index_path)
         if cls is DiffusionPipeline:
