@@ -434,6 +434,9 @@ def write_images(
         settings["lora_hashes"] = lora_hashes(args.lora)
     if getattr(args, "prompt_weighting", False):
         settings["prompt_weighting"] = True
+    if getattr(args, "from_png", None):  # where the settings came from, and what of the file was not applied
+        settings["from_png"] = str(args.from_png)
+        settings.update({"png_not_applied": args.png_not_applied} if getattr(args, "png_not_applied", None) else {})
     files = []
     paths = output_paths(args.out, seeds, overwrite=args.overwrite, companions=companions)
     for index, (image, path, seed) in enumerate(zip(images, paths, seeds)):

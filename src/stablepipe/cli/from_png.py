@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,8 @@ def apply_png(args: argparse.Namespace, say) -> None:
     others.update(model_difference(args, settings))
     if others:
         shown = ", ".join(f"{key}: {value}" for key, value in others.items())
-        say(f"note: {args.from_png} also has {shown}; stablepipe does not apply these here, so the picture may "
-            "differ")
+        print(f"note: {args.from_png} also has {shown}; stablepipe does not apply these here, so the picture may "
+              "differ", file=sys.stderr)  # a warning: shown with --quiet and --json too
     args.png_not_applied = others
 
 

@@ -37,7 +37,10 @@ def shown_in_page(fn, *args, **kwargs):
     except gr.Error:
         raise
     except USER_ERRORS as err:
-        raise gr.Error(str(err).strip("'\""), title="Cannot do that") from None
+        text = str(err)
+        if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":  # a KeyError's repr: unquoted
+            text = text[1:-1]
+        raise gr.Error(text, title="Cannot do that") from None
     except Exception as err:  # a bug or an out-of-memory: say so, log the traceback, keep serving
         logger.exception("generation failed")
         raise gr.Error(f"{type(err).__name__}: {err}", title="Something went wrong") from None
