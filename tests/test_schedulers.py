@@ -168,7 +168,7 @@ CASES = [
     case("LCMScheduler", 8, prediction_type="v_prediction", original_inference_steps=100),
     case("LCMScheduler", 3, id="LCM-strength", set_kwargs={"strength": 0.6}),
     case("LCMScheduler", 0, id="LCM-custom-timesteps", set_kwargs={"timesteps": [999, 759, 499, 259]}),
-    # DPM-SDE: deterministic part only (the Brownian noise is ours, see test_dpm_sde_noise_statistics)
+    # DPM-SDE: deterministic part here; the torchsde noise is compared in test_parity_numerics.py
     case("DPMSolverSDEScheduler", 8, marks=needs_torchsde, id="DPMSDE-no-noise", step_kwargs={"s_noise": 0.0}),
     case("DPMSolverSDEScheduler", 7, marks=needs_torchsde, id="DPMSDE-karras-no-noise", use_karras_sigmas=True,
          step_kwargs={"s_noise": 0.0}, **SD),
