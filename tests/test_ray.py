@@ -141,7 +141,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_images(ray_cluster, job_f
                                                               tmp_path, capsys):
     out = tmp_path / "ray"
     args = ["batch", str(job_file), "--out", str(out), "--model", str(sd1_folder), *BATCH_FLAGS,
-            "--ray", ray_cluster, "--workers", "2"]
+            "--ray", ray_cluster, "--workers", "1"]
     driver = subprocess.Popen([shutil.which("stablepipe"), *args], env={**os.environ, **RAY_ENV},
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

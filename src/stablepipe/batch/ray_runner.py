@@ -42,13 +42,19 @@ def connect(address: str | None) -> Any:
     return ray
 
 
-def start_workers(ray: Any, options: ModelOptions, workers: int | None, groups: int) -> list[Any]:
-    """The actors: `workers` of them (default one per GPU, or per CPU without GPUs), never more than groups."""
+def start_workers(ray: Any, options: ModelOptions, workers: int | None, groups: int, say) -> list[Any]:
+    """The actors: `workers` of them (default one per GPU, or per CPU without GPUs), never more than the cluster
+    can place at once (an actor that cannot be placed would hold its groups forever) nor more than groups."""
     resources = ray.cluster_resources()
     gpus = int(resources.get("GPU", 0))
-    count = workers or gpus or int(resources.get("CPU", 1))
-    if count < 1:
-        raise ValueError(f"--workers must be at least 1, got {count}")
+    capacity = gpus or int(resources.get("CPU", 1))
+    if workers is not None and workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    count = workers or capacity
+    if count > capacity:
+        say(f"--workers {count}: the cluster has room for {capacity} (one {'GPU' if gpus else 'CPU'} each); "
+            f"starting {capacity}")
+        count = capacity
     actor = ray.remote(max_restarts=RESTARTS, max_task_retries=RESTARTS)(BatchWorker)
     placement = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": 1}
     return [actor.options(**placement).remote(options) for _ in range(min(count, max(groups, 1)))]
@@ -60,7 +66,7 @@ def run_on_ray(run: BatchRun, options: ModelOptions, *, address: str | None = No
     from ray.util import ActorPool
 
     ray = connect(address)
-    actors = start_workers(ray, options, workers, len(run.groups))
+    actors = start_workers(ray, options, workers, len(run.groups), say)
     say(f"Ray: {len(actors)} workers on {ray.cluster_resources().get('CPU', 0):.0f} CPUs, "
         f"{ray.cluster_resources().get('GPU', 0):.0f} GPUs")
     pool = ActorPool(actors)
