@@ -65,6 +65,19 @@ def _per_layer(value: int | list[int], num_layers: int) -> list[int]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * num_layers
 
 
+def interleaved(first: Callable[[int], nn.Module] | None, second: Callable[[int], nn.Module] | None,
+                count: int) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """`count` modules from each builder, built alternately (first(0), second(0), first(1), ...) as diffusers
+    builds a block's resnets and attentions, so that the same torch seed gives the same random weights."""
+    firsts, seconds = nn.ModuleList(), nn.ModuleList()
+    for i in range(count):
+        if first is not None:
+            firsts.append(first(i))
+        if second is not None:
+            seconds.append(second(i))
+    return firsts, seconds
+
+
 class DownBlock2D(nn.Module):
     """`num_layers` residual blocks, then an optional stride-2 conv; every output is kept as a skip."""
 
@@ -77,12 +90,15 @@ class DownBlock2D(nn.Module):
         resnet: ResnetSpec,
         add_downsample: bool,
         downsample_padding: int = 1,
+        layer: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
-        self.resnets = nn.ModuleList(resnet.build(w, out_channels) for w in widths)
-        down = Downsample2D(out_channels, out_channels, padding=downsample_padding)
-        self.downsamplers = nn.ModuleList([down]) if add_downsample else None
+        self.resnets, layers = interleaved(lambda i: resnet.build(widths[i], out_channels), layer, num_layers)
+        if layer is not None:
+            self.attentions = layers
+        down = [Downsample2D(out_channels, out_channels, padding=downsample_padding)] if add_downsample else None
+        self.downsamplers = nn.ModuleList(down) if add_downsample else None  # built only when used: no extra draws
         self.gradient_checkpointing = False
 
     def forward(
@@ -107,9 +123,8 @@ class CrossAttnDownBlock2D(DownBlock2D):
     """`DownBlock2D` with a transformer after each residual block."""
 
     def __init__(self, *channels: int, transformer: TransformerSpec, transformer_layers, **kw):
-        super().__init__(*channels, **kw)
-        depths = _per_layer(transformer_layers, len(self.resnets))
-        self.attentions = nn.ModuleList(transformer.build(channels[-1], d) for d in depths)
+        depths = _per_layer(transformer_layers, kw["num_layers"])
+        super().__init__(*channels, **kw, layer=lambda i: transformer.build(channels[-1], depths[i]))
 
     def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
         return self.attentions[i](x, context, attention)
@@ -127,11 +142,15 @@ class UpBlock2D(nn.Module):
         num_layers: int,
         resnet: ResnetSpec,
         add_upsample: bool,
+        layer: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         inputs = [prev_output_channels] + [out_channels] * (num_layers - 1)  # from below
         skips = [out_channels] * (num_layers - 1) + [in_channels]  # from the down path
-        self.resnets = nn.ModuleList(resnet.build(i + s, out_channels) for i, s in zip(inputs, skips))
+        self.resnets, layers = interleaved(lambda i: resnet.build(inputs[i] + skips[i], out_channels), layer,
+                                           num_layers)
+        if layer is not None:
+            self.attentions = layers
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
         self.gradient_checkpointing = False
 
@@ -159,9 +178,8 @@ class CrossAttnUpBlock2D(UpBlock2D):
     """`UpBlock2D` with a transformer after each residual block."""
 
     def __init__(self, *channels: int, transformer: TransformerSpec, transformer_layers, **kw):
-        super().__init__(*channels, **kw)
-        depths = _per_layer(transformer_layers, len(self.resnets))
-        self.attentions = nn.ModuleList(transformer.build(channels[-1], d) for d in depths)
+        depths = _per_layer(transformer_layers, kw["num_layers"])
+        super().__init__(*channels, **kw, layer=lambda i: transformer.build(channels[-1], depths[i]))
 
     def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
         return self.attentions[i](x, context, attention)
@@ -176,10 +194,11 @@ class UNetMidBlock2D(nn.Module):
 
     def __init__(self, channels: int, *, resnet: ResnetSpec, num_layers: int = 1, add_attention: bool = True):
         super().__init__()
-        self.resnets = nn.ModuleList(resnet.build(channels, channels) for _ in range(num_layers + 1))
         heads_of = {"heads": 1, "norm_num_groups": resnet.groups, "eps": resnet.eps}
-        count = num_layers if add_attention else 0
-        self.attentions = nn.ModuleList(SpatialSelfAttention(channels, **heads_of) for _ in range(count))
+        first = resnet.build(channels, channels)
+        attention = (lambda i: SpatialSelfAttention(channels, **heads_of)) if add_attention else None
+        self.attentions, rest = interleaved(attention, lambda i: resnet.build(channels, channels), num_layers)
+        self.resnets = nn.ModuleList([first, *rest])
         self.gradient_checkpointing = False
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None, context=None, attention=None) -> torch.Tensor:
@@ -195,8 +214,9 @@ class UNetMidBlock2DCrossAttn(nn.Module):
 
     def __init__(self, channels: int, *, resnet: ResnetSpec, transformer: TransformerSpec, transformer_layers):
         super().__init__()
-        self.resnets = nn.ModuleList([resnet.build(channels, channels), resnet.build(channels, channels)])
+        first = resnet.build(channels, channels)  # built in diffusers' order (same random weights for a seed)
         self.attentions = nn.ModuleList([transformer.build(channels, _per_layer(transformer_layers, 1)[0])])
+        self.resnets = nn.ModuleList([first, resnet.build(channels, channels)])
         self.gradient_checkpointing = False
 
     def forward(

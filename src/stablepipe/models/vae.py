@@ -65,8 +65,8 @@ class DownEncoderBlock2D(nn.Module):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
         self.resnets = nn.ModuleList(resnet.build(w, out_channels) for w in widths)
-        down = Downsample2D(out_channels, out_channels, padding=0)
-        self.downsamplers = nn.ModuleList([down]) if add_downsample else None
+        down = [Downsample2D(out_channels, out_channels, padding=0)] if add_downsample else None  # no unused draws
+        self.downsamplers = nn.ModuleList(down) if add_downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for resnet in self.resnets:
