@@ -283,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", choices=[*SIDES, "both"], default="both")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per test (pytest-timeout)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--skip-done", action="store_true", help="skip files whose results are there already")
     args = parser.parse_args(argv)
     if not (args.diffusers_src / "tests").is_dir():
         parser.error(f"{args.diffusers_src} has no tests/ folder; pass the root of a diffusers source checkout")
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         sides = SIDES if args.side == "both" else (args.side,)
         for test_file in chosen:
             for side in sides:
+                if args.skip_done and result_path(args.work, side, test_file).exists():
+                    continue
                 print(f"{side:10} {test_file}", flush=True)
                 run_file(args.work, side, test_file, args.timeout)
     total, ours = write_report(args.work, files, args.out, header_text(args.diffusers_src), NOT_MATCHED.read_text())

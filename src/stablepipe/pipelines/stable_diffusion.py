@@ -73,13 +73,20 @@ class StableDiffusionBase(DiffusionPipeline):
         sample = self.unet.config.sample_size * self.vae_scale_factor
         return height or sample, width or sample
 
-    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, **kwargs):
-        """diffusers' signature: returns (prompt_embeds, negative_prompt_embeds)."""
+    def encode_prompt(
+        self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+        prompt_embeds=None, negative_prompt_embeds=None, lora_scale: float | None = None, clip_skip=None, **kwargs,
+    ):
+        """diffusers' signature: returns (prompt_embeds, negative_prompt_embeds); `lora_scale` scales the text
+        encoder's LoRA adapters for this call."""
         kwargs.setdefault("prompt_weighting", self.prompt_weighting)  # A1111 `(word:1.3)` syntax, long prompts
-        return stages.encode_prompt(
-            self.tokenizer, self.text_encoder, prompt, device=device, num_images_per_prompt=num_images_per_prompt,
-            do_classifier_free_guidance=do_classifier_free_guidance, **kwargs,
-        )
+        with self.lora_scale(lora_scale):
+            return stages.encode_prompt(
+                self.tokenizer, self.text_encoder, prompt, device=device, num_images_per_prompt=num_images_per_prompt,
+                do_classifier_free_guidance=do_classifier_free_guidance, negative_prompt=negative_prompt,
+                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
+                **kwargs,
+            )
 
     def unet_kwargs(self, batch: int, cross_attention_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """The UNet kwargs of every step: the guidance embedding (LCM) and the attention processors' kwargs."""
