@@ -13,7 +13,7 @@ import torch
 from conftest import SD1_UNET, VAE, max_diff
 from fixtures_image import sample_image, sample_mask
 from fixtures_sdxl import BASE_UNET
-from fixtures_upscale import X4_UNET
+from fixtures_upscale import X2_UNET, X4_UNET
 
 import stablepipe
 
@@ -91,8 +91,9 @@ def test_sdxl_lcm_guidance_scale_changes_the_picture(sdxl_lcm_folder):
     ("UNet2DConditionModel", SD1_UNET),
     ("UNet2DConditionModel", dict(BASE_UNET, time_cond_proj_dim=16)),
     ("UNet2DConditionModel", X4_UNET),
+    ("UNet2DConditionModel", X2_UNET),  # K-blocks
     ("AutoencoderKL", VAE),
-], ids=["sd1-unet", "sdxl-lcm-unet", "x4-unet", "vae"])
+], ids=["sd1-unet", "sdxl-lcm-unet", "x4-unet", "x2-unet", "vae"])
 def test_models_built_from_a_config_draw_diffusers_random_weights(cls, config):
     """diffusers' own tests build their tiny models from a config under torch.manual_seed: ours must draw the same
     weights (each block's resnets and attentions built alternately, no unused downsampler), else every expected

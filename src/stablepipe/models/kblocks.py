@@ -10,6 +10,7 @@ Module and parameter names are diffusers' state-dict names.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -174,11 +175,19 @@ class KDownBlock2D(nn.Module):
         num_layers: int,
         resnet: KResnetSpec,
         add_downsample: bool,
+        layer: Callable[[int], nn.Module] | None = None,
     ):
         super().__init__()
         widths = [in_channels] + [out_channels] * (num_layers - 1)
         groups_out = out_channels // GROUP_SIZE
-        self.resnets = nn.ModuleList(resnet.build(w, out_channels, groups_out=groups_out) for w in widths)
+        self.resnets = nn.ModuleList()
+        layers = nn.ModuleList()
+        for width in widths:  # each residual block, then its attention: diffusers' order of random draws
+            self.resnets.append(resnet.build(width, out_channels, groups_out=groups_out))
+            if layer is not None:
+                layers.append(layer(len(layers)))
+        if layer is not None:
+            self.attentions = layers
         self.downsamplers = nn.ModuleList([KDownsample2D()]) if add_downsample else None
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, context: torch.Tensor | None = None, attention=None):
@@ -202,8 +211,7 @@ class KCrossAttnDownBlock2D(KDownBlock2D):
     (no downsample) adds self-attention and passes no skips (None) up, the others pass every output."""
 
     def __init__(self, in_channels: int, out_channels: int, *, attention: KAttentionSpec, **kw):
-        super().__init__(in_channels, out_channels, **kw)
-        self.attentions = nn.ModuleList(attention.build(out_channels) for _ in self.resnets)
+        super().__init__(in_channels, out_channels, **kw, layer=lambda i: attention.build(out_channels))
 
     def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, temb: torch.Tensor) -> torch.Tensor:
         return self.attentions[i](x, context, temb)
@@ -226,16 +234,21 @@ class KUpBlock2D(nn.Module):
         num_layers: int,
         resnet: KResnetSpec,
         add_upsample: bool,
+        layer: Callable[[int, int], nn.Module] | None = None,
     ):
         super().__init__()
         n, groups_out = num_layers - 1, out_channels // GROUP_SIZE
         first = self.first_width(in_channels, out_channels, resnet)
-        blocks = []
-        for i in range(n):
+        blocks, layers = [], []
+        for i in range(n):  # each residual block, then its attention (layer(i, n)): diffusers' order of draws
             out, conv_out = self.widths(i, n, in_channels, out_channels)
             width = first if i == 0 else out_channels
             blocks.append(resnet.build(width, out, groups_out=groups_out, conv_out=conv_out))
+            if layer is not None:
+                layers.append(layer(i, n))
         self.resnets = nn.ModuleList(blocks)
+        if layer is not None:
+            self.attentions = nn.ModuleList(layers)
         self.upsamplers = nn.ModuleList([KUpsample2D()]) if add_upsample else None
 
     def first_width(self, in_channels: int, out_channels: int, resnet: KResnetSpec) -> int:
@@ -276,11 +289,10 @@ class KCrossAttnUpBlock2D(KUpBlock2D):
 
     def __init__(self, in_channels: int, out_channels: int, *, attention: KAttentionSpec, resnet: KResnetSpec, **kw):
         self.is_first = in_channels == out_channels == resnet.temb_channels
-        super().__init__(in_channels, out_channels, resnet=resnet, **kw)
         attention = KAttentionSpec(attention.head_dim, attention.cross_attention_dim, attention.temb_channels,
                                    self_attention=self.is_first)  # fmt: skip
-        n = len(self.resnets)
-        self.attentions = nn.ModuleList(attention.build(in_channels if i == n - 1 else out_channels) for i in range(n))
+        super().__init__(in_channels, out_channels, resnet=resnet, **kw,
+                         layer=lambda i, n: attention.build(in_channels if i == n - 1 else out_channels))
 
     def first_width(self, in_channels: int, out_channels: int, resnet: KResnetSpec) -> int:
         return out_channels if self.is_first else 2 * out_channels
