@@ -239,8 +239,12 @@ def test_two_replicas_answer_the_a1111_api_concurrently(serve_url, sd1_folder):
     for seed, result in zip(seeds[4:], results[4:]):
         assert np.abs(np.asarray(result.image, dtype=np.int16) - first[seed]).max() == 0  # the same on any replica
     assert np.abs(first[21] - python_api_image(sd1_folder, 21)).max() <= 1  # the Python API's picture
-    served = [log.read_text().count("POST /sdapi/v1/txt2img 200") for log in replica_logs()]
-    assert len([n for n in served if n]) == 2 and sum(served) == len(seeds), served  # both replicas drew
+
+    def served() -> list[int]:  # the requests each replica logged as answered
+        return [log.read_text().count("POST /sdapi/v1/txt2img 200") for log in replica_logs()]
+
+    wait_for(lambda: sum(served()) == len(seeds), "the replicas' access logs", timeout=20)
+    assert len([n for n in served() if n]) == 2, served()  # both replicas drew
 
 
 def test_a_killed_replica_leaves_the_service_answering_and_no_request_lost(serve_url):
