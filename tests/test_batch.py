@@ -92,6 +92,9 @@ def test_ids_and_derived_seeds_are_stable_and_follow_the_settings(inputs):
     assert changed[0].id != first[0].id and changed[1].id == first[1].id
     defaults = read_jobs(write_jobs(inputs, lines), defaults={"steps": 5})
     assert defaults[0].steps == 5 and defaults[0].id == changed[0].id
+    upscale = {"task": "upscale", "image": "pictures/small.png"}  # the defaults a task cannot use are left out
+    (job,) = read_jobs(write_jobs(inputs, [upscale]), defaults={"width": 64, "steps": 3})
+    assert (job.width, job.steps) == (None, 3)
 
 
 # ---- the pictures ------------------------------------------------------------------------------------------

@@ -34,6 +34,9 @@ FIELDS = {
     "mask": "a path to a mask picture, relative to the job file", "strength": "a number from 0 to 1",
 }
 DEFAULT_FIELDS = ("negative_prompt", "width", "height", "steps", "sampler", "guidance", "strength")
+NEEDS = {"txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "upscale": ("image",)}
+REFUSES = {"txt2img": ("image", "mask", "strength"), "img2img": ("mask",), "inpaint": (),
+           "upscale": ("mask", "strength", "width", "height")}  # fields a task cannot use
 
 
 class JobFileError(ValueError):
@@ -112,8 +115,9 @@ def parse_line(text: str, number: int, folder: Path, defaults: Mapping[str, Any]
     given = {k: v for k, v in fields.items() if v is not None}
     for name, value in given.items():
         check_field(name, value)
-    settings = {**{k: v for k, v in defaults.items() if v is not None and k in DEFAULT_FIELDS}, **given}
-    task = settings.setdefault("task", "txt2img")
+    task = given.get("task", "txt2img")
+    usable = set(DEFAULT_FIELDS) - set(REFUSES[task])  # e.g. a default --width is not for upscale lines
+    settings = {**{k: v for k, v in defaults.items() if v is not None and k in usable}, **given, "task": task}
     check_task_fields(task, settings)
     paths = {k: str(resolve_picture(folder, settings[k], k)) for k in ("image", "mask") if k in settings}
     if task in ("img2img", "inpaint"):
@@ -152,13 +156,10 @@ def check_task_fields(task: str, settings: Mapping[str, Any]) -> None:
     """The fields each task needs, and none it cannot use."""
     if task != "upscale" and "prompt" not in settings:
         raise ValueError("`prompt` is missing: every txt2img / img2img / inpaint line needs one")
-    needs = {"txt2img": (), "img2img": ("image",), "inpaint": ("image", "mask"), "upscale": ("image",)}[task]
-    for name in needs:
+    for name in NEEDS[task]:
         if name not in settings:
             raise ValueError(f"`{name}` is missing: {task} lines need {FIELDS[name]}")
-    refused = {"txt2img": ("image", "mask", "strength"), "img2img": ("mask",), "inpaint": (),
-               "upscale": ("mask", "strength", "width", "height")}[task]
-    for name in refused:
+    for name in REFUSES[task]:
         if name in settings:
             hint = "the output is 4x the input" if task == "upscale" and name in ("width", "height") else "drop it"
             raise ValueError(f"`{name}` is not used by task {task!r}: {hint}")
