@@ -187,3 +187,21 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert unet.conv_in.weight is unet.get_parameter("conv_in.weight")  # module attributes never warn
+
+
+def test_freeu_matches_diffusers(tmp_path):
+    import diffusers
+
+    torch.manual_seed(0)
+    theirs = diffusers.UNet2DConditionModel(**SD1_UNET).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = UNet2DConditionModel.from_pretrained(tmp_path)
+    x, t, context = unet_inputs()
+    with torch.no_grad():
+        plain = ours(x, t, context).sample
+        for unet in (ours, theirs):
+            unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+        freeu = ours(x, t, context).sample
+        assert max_diff(freeu, theirs(x, t, context).sample) < 1e-5 and max_diff(freeu, plain) > 1e-3
+        ours.disable_freeu()
+        assert max_diff(ours(x, t, context).sample, plain) == 0

@@ -153,6 +153,8 @@ class UpBlock2D(nn.Module):
             self.attentions = layers
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, out_channels)]) if add_upsample else None
         self.gradient_checkpointing = False
+        self.resolution_idx = 0  # the block's place in the up path (set by the UNet), for FreeU
+        self.s1 = self.s2 = self.b1 = self.b2 = None  # FreeU's factors; None: off
 
     def forward(
         self,
@@ -164,7 +166,8 @@ class UpBlock2D(nn.Module):
         attention: AttentionArgs | None = None,
     ) -> torch.Tensor:
         for i, resnet in enumerate(self.resnets):
-            x = torch.cat([x, skips[-1 - i]], dim=1)  # (B, C + C_skip, H, W)
+            x, skip = self.freeu(x, skips[-1 - i])
+            x = torch.cat([x, skip], dim=1)  # (B, C + C_skip, H, W)
             x = self.layer(i, checkpointed(self, resnet, x, temb), context, attention)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)  # (B, C_out, 2H, 2W)
@@ -172,6 +175,25 @@ class UpBlock2D(nn.Module):
 
     def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
         return x
+
+    def freeu(self, x: torch.Tensor, skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FreeU (Si et al. 2023) in the two lowest-resolution up blocks, as diffusers applies it: half the
+        backbone channels scaled by b, the skip's lowest frequencies by s."""
+        if self.b1 is None or self.resolution_idx > 1:
+            return x, skip
+        b, s = (self.b1, self.s1) if self.resolution_idx == 0 else (self.b2, self.s2)
+        half = x.shape[1] // 2
+        return torch.cat([x[:, :half] * b, x[:, half:]], dim=1), fourier_filter(skip, threshold=1, scale=s)
+
+
+def fourier_filter(x: torch.Tensor, *, threshold: int, scale: float) -> torch.Tensor:
+    """`x` (B, C, H, W) with the (2 threshold)² lowest spatial frequencies multiplied by `scale` (FreeU, Eq. 6)."""
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))  # centred spectrum
+    h, w = x.shape[-2:]
+    mask = torch.ones(h, w, device=x.device)
+    mask[h // 2 - threshold : h // 2 + threshold, w // 2 - threshold : w // 2 + threshold] = scale
+    filtered = torch.fft.ifftn(torch.fft.ifftshift(freq * mask, dim=(-2, -1)), dim=(-2, -1))
+    return filtered.real.to(x.dtype)
 
 
 class CrossAttnUpBlock2D(UpBlock2D):
@@ -583,7 +605,19 @@ class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, Fused
         self.down_blocks = nn.ModuleList(build_block(DOWN_BLOCKS, "down_block_types", i, a) for i, a in enumerate(down))
         self.mid_block = build_block(MID_BLOCKS, "mid_block_type", None, mid)
         self.up_blocks = nn.ModuleList(build_block(UP_BLOCKS, "up_block_types", i, a) for i, a in enumerate(up))
+        for i, block in enumerate(self.up_blocks):
+            block.resolution_idx = i
         self.num_upsamplers = len(up) - 1
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2023, "FreeU: Free Lunch in Diffusion U-Net"): b1, b2 scale the backbone features
+        of the first two up blocks, s1, s2 the low frequencies of their skips (SD 1.5: 0.9, 0.2, 1.5, 1.6)."""
+        for block in self.up_blocks:
+            block.s1, block.s2, block.b1, block.b2 = s1, s2, b1, b2
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.s1 = block.s2 = block.b1 = block.b2 = None
 
     # -- forward --------------------------------------------------------------------------------
 

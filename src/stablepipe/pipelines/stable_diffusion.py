@@ -88,6 +88,13 @@ class StableDiffusionBase(DiffusionPipeline):
                 **kwargs,
             )
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU in the UNet (see `UNet2DConditionModel.enable_freeu`), as diffusers' pipelines offer it."""
+        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
     def unet_kwargs(self, batch: int, cross_attention_kwargs: dict[str, Any] | None) -> dict[str, Any]:
         """The UNet kwargs of every step: the guidance embedding (LCM) and the attention processors' kwargs."""
         return {**self.guidance_embedding(batch), **processor_kwargs(cross_attention_kwargs)}
