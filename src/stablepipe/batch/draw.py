@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import io
 import json
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from stablepipe.batch.jobs import BatchJob
+from stablepipe.cli.common import call_default
+from stablepipe.infotext import format_infotext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +52,9 @@ class Pipelines:
     inpaint sharing its weights, the x4 upscaler from --upscaler."""
 
     def __init__(self, options: ModelOptions, say=lambda message: None):
-        self.options, self.say, self.loaded = options, say, {}
+        self.options, self.say = options, say
+        self.loaded: dict[str, Any] = {}  # task -> pipeline
+        self.settings: dict[str, dict[str, Any]] = {}  # task -> model_settings of its pipeline
 
     def __call__(self, task: str) -> Any:
         if task not in self.loaded:
@@ -78,13 +81,14 @@ class Pipelines:
         pipe.prompt_weighting = base.prompt_weighting
         return pipe
 
-    def model_name(self) -> str:
-        return Path(self.options.model).name if self.options.model else "builtin"
+    def model_settings(self, task: str) -> dict[str, Any]:
+        """Model, Model hash and the A1111 sampler names of the task's pipeline, as `generate` records them."""
+        from stablepipe.cli.common import model_settings
 
-
-def call_default(pipe: Any, name: str) -> Any:
-    """The default of `name` in the pipeline's `__call__` (what `generate` uses when a flag is not given)."""
-    return inspect.signature(type(pipe).__call__).parameters[name].default
+        if task not in self.settings:
+            source = self.options.upscaler if task == "upscale" else self.options.model
+            self.settings[task] = model_settings(self(task), source)
+        return self.settings[task]
 
 
 def open_picture(data: bytes, mode: str, size: tuple[int, int] | None):
@@ -119,16 +123,21 @@ def image_request(job: BatchJob, pipe: Any, inputs: Mapping[str, bytes], prompt_
 
 def draw_group(pipes: Pipelines, jobs: Sequence[BatchJob], inputs: Mapping[str, bytes]) -> list[bytes]:
     """The PNG file of each job (one group: equal `batch_key()`s), with its A1111 infotext, in order."""
-    from stablepipe.batching import request_infotext, run_batch
+    from stablepipe.batching import infotext_params, run_batch
 
     if jobs[0].task == "upscale":
         return [draw_upscale(pipes, job, inputs) for job in jobs]
     pipe = pipes(jobs[0].task)
     requests = [image_request(job, pipe, inputs, pipes.options.prompt_weighting) for job in jobs]
     images = run_batch(pipes, requests)
-    name = pipes.model_name()
-    return [png_bytes(image, request_infotext(request, model_name=name), job)
-            for image, request, job in zip(images, requests, jobs)]
+    model = pipes.model_settings(jobs[0].task)
+    files = []
+    for image, request, job in zip(images, requests, jobs):
+        params = infotext_params(request, model_name=model["model"], model_hash=model["model_hash"])
+        if request.sampler is None:  # the model's own scheduler, by its A1111 names
+            params.update({"Sampler": model["sampler"], "Schedule type": model["schedule_type"]})
+        files.append(png_bytes(image, format_infotext(request.prompt, request.negative_prompt, params), job))
+    return files
 
 
 def draw_upscale(pipes: Pipelines, job: BatchJob, inputs: Mapping[str, bytes]) -> bytes:
@@ -136,17 +145,20 @@ def draw_upscale(pipes: Pipelines, job: BatchJob, inputs: Mapping[str, bytes]) -
     import torch
 
     from stablepipe.batching import pipeline_with_sampler
-    from stablepipe.infotext import format_infotext
+    from stablepipe.infotext import a1111_params
+    from stablepipe.schedulers.names import split_a1111_name
 
     pipe = pipeline_with_sampler(pipes("upscale"), job.sampler)
     kwargs = {"num_inference_steps": job.steps, "guidance_scale": job.guidance, "negative_prompt": job.negative_prompt}
     image = pipe(job.prompt, image=open_picture(inputs[job.image], "RGB", None),
                  generator=[torch.Generator().manual_seed(job.seed)],
                  **{k: v for k, v in kwargs.items() if v is not None}).images[0]
-    steps = job.steps or call_default(pipe, "num_inference_steps")
-    guidance = job.guidance if job.guidance is not None else call_default(pipe, "guidance_scale")
-    params = {"Steps": steps, "Sampler": job.sampler, "CFG scale": guidance, "Seed": job.seed,
-              "Size": f"{image.width}x{image.height}", "Model": Path(pipes.options.upscaler or "builtin-x4").name}
+    model = pipes.model_settings("upscale")
+    sampler, schedule = split_a1111_name(job.sampler) if job.sampler else (model["sampler"], model["schedule_type"])
+    params = a1111_params(
+        steps=job.steps or call_default(pipe, "num_inference_steps"), sampler=sampler, schedule_type=schedule,
+        cfg_scale=job.guidance if job.guidance is not None else call_default(pipe, "guidance_scale"), seed=job.seed,
+        width=image.width, height=image.height, model_hash=model["model_hash"], model=model["model"])
     return png_bytes(image, format_infotext(job.prompt, job.negative_prompt, params), job)
 
 
