@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import re
-import shutil
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -98,19 +98,29 @@ def rewrite_imports(source: str, exports: set[str]) -> tuple[str, list[str]]:
 
 
 def copy_tests(sources: list[Path], dest: Path, exports: set[str] | None) -> dict[str, list[str]]:
-    """Copy each source's `tests/` into `dest/tests` (later sources overlay); rewrite if `exports` is given.
-    Files are overwritten in place (never the folder removed), so a run still reading them is not disturbed."""
-    for src in sources:
-        shutil.copytree(src / "tests", dest / "tests", dirs_exist_ok=True)
+    """Copy each source's `tests/` into `dest/tests` (later sources overlay), rewriting imports if `exports` is
+    given. Each file is replaced atomically and only when it changes, so runs reading the tree (other workers'
+    pytest processes) never see a half-written or not-yet-rewritten file."""
+    files = {path.relative_to(src / "tests"): path for src in sources for path in (src / "tests").rglob("*")
+             if path.is_file() and "__pycache__" not in path.parts}
     swapped: dict[str, list[str]] = {}
-    if exports is None:
-        return swapped
-    for path in (dest / "tests").rglob("*.py"):
-        text, names = rewrite_imports(path.read_text(), exports)
-        if names:
-            path.write_text(text)
-            swapped[str(path.relative_to(dest / "tests"))] = names
+    for relative, path in files.items():
+        data = path.read_bytes()
+        if exports is not None and path.suffix == ".py":
+            text, names = rewrite_imports(data.decode(), exports)
+            if names:
+                data, swapped[str(relative)] = text.encode(), names
+        write_atomically(dest / "tests" / relative, data)
     return swapped
+
+
+def write_atomically(target: Path, data: bytes) -> None:
+    if target.exists() and target.read_bytes() == data:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,8 +153,6 @@ def provision_hub_cache(cache: Path) -> Path:
 
 def test_env(work: Path) -> dict[str, str]:
     """The tests' environment: offline, with the provisioned cache (tests never reach the network here)."""
-    import os
-
     cache = work / "hub-cache"
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
 

@@ -206,6 +206,13 @@ class AlphaScheduler(SchedulerMixin):
         self.timesteps = torch.from_numpy(np.arange(0, self.config.num_train_timesteps)[::-1].copy())
         self._reset_position()
 
+    def previous_timestep(self, timestep) -> int | torch.Tensor:
+        """The next timestep of the schedule (−1 after the last); t − 1 before set_timesteps."""
+        if self.num_inference_steps is None:
+            return timestep - 1
+        index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+        return torch.tensor(-1) if index == self.timesteps.shape[0] - 1 else self.timesteps[index + 1]
+
     def _integer_timesteps(self, num_inference_steps: int) -> np.ndarray:
         c = self.config
         if num_inference_steps > c.num_train_timesteps:

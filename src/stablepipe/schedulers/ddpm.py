@@ -54,13 +54,6 @@ class DDPMScheduler(AlphaScheduler):
         self.num_inference_steps = len(values)
         self.timesteps = torch.from_numpy(values).to(device)
 
-    def previous_timestep(self, timestep) -> int | torch.Tensor:
-        """The next timestep of the schedule (−1 after the last); t − 1 before set_timesteps."""
-        if self.num_inference_steps is None:
-            return timestep - 1
-        index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
-        return torch.tensor(-1) if index == self.timesteps.shape[0] - 1 else self.timesteps[index + 1]
-
     def _variance(self, t, predicted_variance=None, variance_type: str | None = None):
         """Posterior variance β̃_t (Ho et al. 2020, Eq. 7) or its variants; `learned_range` interpolates
         log β̃_t and log β_t (Nichol & Dhariwal 2021, Eq. 15)."""
