@@ -384,7 +384,8 @@ def test_config_matches_diffusers_keys():
         ref_keys = set(getattr(diffusers, name)().config) - {"_use_default_values"}
         ref_keys -= {k for k in ref_keys if "flow" in k or k in ("use_dynamic_shifting", "time_shift_type",
                                                                   "shift_terminal")}
-        assert set(cls().config) - {"_class_name"} == ref_keys - {"_class_name", "_diffusers_version"}, name
+        private = {"_class_name", "_use_default_values", "_diffusers_version"}
+        assert set(cls().config) - private == ref_keys - private, name
 
 
 def test_save_and_from_pretrained(tmp_path):
