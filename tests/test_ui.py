@@ -245,7 +245,7 @@ def server(cache, tmp_path_factory):
     process = subprocess.Popen(command, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}/"
     wait_until_serving(process, url, out / "server.log")
-    yield url, out
+    yield url, out, process
     process.terminate()
     process.wait(timeout=30)
     log.close()
@@ -310,17 +310,20 @@ def result_image(tab, out: Path, seed: int) -> PIL.Image.Image:
 
 def test_type_a_prompt_press_generate_get_the_image_its_seed_and_its_settings(page, server, cache):
     tab = page.locator("#tab-txt2img")
-    fill_form(tab, prompt="a red circle", steps=2, seed=5, size=64)
+    sync_api.expect(tab.get_by_label("number input for Width")).to_have_value("32")  # the demo model's own size
+    fill_form(tab, prompt="a red circle", steps=2, seed=5)  # the size sliders' defaults are accepted
     sync_api.expect(tab.get_by_label("AUTOMATIC1111 prompt syntax", exact=False)).not_to_be_checked()
     tab.get_by_role("button", name="Generate").click()
     saved = result_image(tab, server[1], 5)
     shown = tab.locator(".results img").first.get_attribute("src")
     with urllib.request.urlopen(shown) as response:  # what the page shows and downloads: the PNG with settings
         served = PIL.Image.open(io.BytesIO(response.read()))
-    assert served.text["parameters"].startswith("a red circle\nSteps: 2") and "Seed: 5" in served.text["parameters"]
-    expected = builtin_pipe(cache)("a red circle", num_inference_steps=2, width=64, height=64,
+    assert served.text["parameters"].startswith(
+        "a red circle\nSteps: 2, Sampler: DDIM, Schedule type: Automatic, CFG scale: 7.5, Seed: 5, Size: 32x32, "
+        "Model hash: ") and served.text["parameters"].endswith(", Model: builtin")
+    expected = builtin_pipe(cache)("a red circle", num_inference_steps=2, width=32, height=32,
                                    generator=torch.Generator().manual_seed(5)).images[0]
-    assert saved.size == (64, 64) and max_diff(saved, expected) <= TOLERANCE
+    assert saved.size == (32, 32) and max_diff(saved, expected) <= TOLERANCE
     assert max_diff(served, saved) == 0
     tab.get_by_role("button", name="Random").click()  # seed -1, then one click brings the result's seed back
     sync_api.expect(tab.get_by_label("Seed (-1: random)")).to_have_value("-1")
@@ -410,3 +413,32 @@ def test_one_generation_at_a_time_and_waiting_users_see_their_place(browser, ser
         assert result_image(tab, server[1], seed).size == (128, 128)
     for page in pages:
         page.close()
+
+
+def test_the_api_takes_its_own_defaults_and_memory_comes_back(server):
+    """Through gradio_client with the defaults `view_api()` lists (the demo model's 32 px size among them), then
+    many requests: the server's memory settles after a warm-up; a 5 MB prompt is refused before it is read."""
+    psutil = pytest.importorskip("psutil")
+    from gradio_client import Client
+
+    client = Client(server[0], verbose=False)
+    parameters = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/txt2img"]["parameters"]
+    defaults = {p["label"]: p["parameter_default"] for p in parameters}
+    assert (defaults["Width"], defaults["Height"], defaults["Prompt"]) == (32, 32, "")
+
+    def draw(prompt: str, seed: int):
+        values = {**defaults, "Prompt": prompt, "Steps": 1, "Seed (-1: random)": seed}
+        return client.predict(*(values[p["label"]] for p in parameters), api_name="/txt2img")
+
+    gallery = draw("a red circle", 1)[0]
+    assert PIL.Image.open(gallery[0]["image"]).size == (32, 32)
+    process = psutil.Process(server[2].pid)
+    for seed in range(10):  # warm-up: caches, the first of each allocation size
+        draw(f"a blue square {seed}", seed)
+    warm = process.memory_info().rss
+    for seed in range(30):
+        draw(f"a green triangle number {seed}", seed)
+    assert process.memory_info().rss <= warm * 1.03, (warm, process.memory_info().rss)
+    with pytest.raises(Exception, match="413|too large|Request Entity"):
+        draw("red " * 1_250_000, 1)  # 5 MB
+    assert process.memory_info().rss <= warm * 1.03

@@ -8,6 +8,7 @@ generation at a time, live progress from the pipeline's progress bar, errors sho
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 from pathlib import Path
 from typing import Any
@@ -157,16 +158,26 @@ def wire_generate(
     endpoint is named after the task (`/txt2img` ...), its inputs in the order of the form's fields."""
     names = list(fields)
 
-    def generate(*data, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (gradio reads the default)
+    def generate(*data):  # the form's values in `names` order, then gradio's progress tracker
         values = dict(zip(names, data))
         if values.get("scheduler") == DEFAULT_SCHEDULER:
             values["scheduler"] = None
         return results.show(shown_in_page(run.generate, manager, task, values, out_dir))
 
+    generate.__signature__ = named_parameters(names)  # what gradio reads: the API's parameter names, the tracker
+
     triggers = [button.click] + ([fields["prompt"].submit] if "prompt" in fields else [])
     gr.on(triggers, generate, inputs=list(fields.values()), outputs=results.outputs(), concurrency_id=QUEUE,
           concurrency_limit=1, api_name=task)
     results.reuse.click(reused_seed, [results.seeds, results.picked], fields["seed"], queue=False)
+
+
+def named_parameters(names: list[str]) -> inspect.Signature:
+    """A signature of one parameter per form field, then `progress` (gradio passes its tracker by that default:
+    live progress from the pipeline's tqdm bar)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    tracker = inspect.Parameter("progress", kind, default=gr.Progress(track_tqdm=True))
+    return inspect.Signature([*(inspect.Parameter(name, kind) for name in names), tracker])
 
 
 def model_loader(manager: ModelManager, slot: str | None, *, note: str = "") -> gr.Markdown:
