@@ -347,13 +347,13 @@ def png_info(settings: dict[str, Any]):
 
 def infotext_of(settings: dict[str, Any]) -> str:
     """A1111's infotext of one image from stablepipe's settings (as `write_images` and the web app record them)."""
-    from stablepipe.infotext import a1111_params, format_infotext
+    from stablepipe.infotext import a1111_params, format_infotext, model_name
 
-    loras = settings.get("lora_hashes")
+    loras, model = settings.get("lora_hashes"), settings.get("model")
     params = a1111_params(
         steps=settings["steps"], sampler=settings["sampler"], schedule_type=settings.get("schedule_type"),
         cfg_scale=settings["guidance"], seed=settings["seed"], width=settings["width"], height=settings["height"],
-        model_hash=settings.get("model_hash"), model=settings.get("model"),
+        model_hash=settings.get("model_hash"), model=model_name(model) if model else None,
         denoising_strength=settings.get("strength"), clip_skip=settings.get("clip_skip"), lora_hashes=loras,
     )
     return format_infotext(settings.get("prompt") or "", settings.get("negative_prompt"), params)
@@ -377,14 +377,13 @@ def call_default(pipe, name: str) -> Any:
 
 
 def model_settings(pipe, source: str | None) -> dict[str, Any]:
-    """Model, Model hash (see `local_model_hash`) and the A1111 sampler names of the pipeline's scheduler."""
-    from stablepipe.infotext import model_name
+    """Model (as given), Model hash (see `local_model_hash`) and the A1111 sampler names of the scheduler."""
     from stablepipe.schedulers.names import a1111_names_of
 
     sampler, schedule = a1111_names_of(pipe.scheduler)
     loaded = getattr(pipe, "loaded_from", None) or source
-    return {"model": "builtin" if source is None else model_name(source),
-            "model_hash": local_model_hash(loaded) if loaded else None, "sampler": sampler, "schedule_type": schedule}
+    return {"model": str(source or "builtin"), "model_hash": local_model_hash(loaded) if loaded else None,
+            "sampler": sampler, "schedule_type": schedule}
 
 
 def local_model_hash(source: str | Path) -> str | None:
