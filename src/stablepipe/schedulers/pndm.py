@@ -74,6 +74,7 @@ class PNDMScheduler(AlphaScheduler):
             prk = np.array(ascending[-self.pndm_order:]).repeat(2) + half_step
             self.prk_timesteps = prk[:-1].repeat(2)[1:-1][::-1].astype(np.int64)
             plms = ascending[:-3][::-1]
+        self.plms_timesteps = plms.astype(np.int64)  # diffusers' name, for loops that call step_plms themselves
         self.timesteps = torch.from_numpy(np.concatenate([self.prk_timesteps, plms]).astype(np.int64)).to(device)
         self._reset_history()
 
