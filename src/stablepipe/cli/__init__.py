@@ -58,7 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_command(args, say)
     except KeyboardInterrupt:  # Ctrl-C: one line; files are written atomically, so none is left half-written
-        print(f"stablepipe {args.command}: interrupted", file=sys.stderr)
+        start = "" if quiet else "\n"  # past a progress bar's line
+        print(f"{start}stablepipe {args.command}: interrupted", file=sys.stderr)
         return 130
     except (UsageError, ValueError, TypeError, OSError, FloatingPointError, MemoryError, RuntimeError) as err:
         # FloatingPointError: a NaN / inf picture, with what to do about it
