@@ -84,10 +84,12 @@ class Pipelines:
     def model_settings(self, task: str) -> dict[str, Any]:
         """Model, Model hash and the A1111 sampler names of the task's pipeline, as `generate` records them."""
         from stablepipe.cli.common import model_settings
+        from stablepipe.infotext import model_name
 
         if task not in self.settings:
             source = self.options.upscaler if task == "upscale" else self.options.model
-            self.settings[task] = model_settings(self(task), source)
+            settings = model_settings(self(task), source)
+            self.settings[task] = {**settings, "model": model_name(settings["model"])}  # as the infotext names it
         return self.settings[task]
 
 

@@ -82,11 +82,18 @@ def list_scheduler_names() -> list[str]:
 
 def _lookup(name: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
     table = {**A1111_SCHEDULERS, **COMFYUI_SCHEDULERS}
+    folded = {key.casefold(): value for key, value in table.items()}
+    key = name.strip().casefold()
     if name in table:
         return table[name]
-    folded = {key.casefold(): value for key, value in table.items()}
-    if name.strip().casefold() in folded:
-        return folded[name.strip().casefold()]
+    if key in folded:
+        return folded[key]
+    for schedule, option in SCHEDULE_TYPES.items():  # e.g. 'DPM++ 2M SDE Exponential', 'Euler a Karras'
+        suffix = " " + schedule.casefold()
+        if option and key.endswith(suffix) and key[: -len(suffix)] in folded:
+            cls, options = folded[key[: -len(suffix)]]
+            if f"use_{option}_sigmas" in cls().config:
+                return cls, {**options, **_sigmas(option)}
     raise ValueError(f"unknown scheduler name {name!r}; known names: {', '.join(list_scheduler_names())}")
 
 
@@ -109,23 +116,34 @@ def get_scheduler_class(class_name: str) -> type[SchedulerMixin]:
     return SCHEDULER_CLASSES[class_name]
 
 
-# A1111's "Schedule type" (its `scheduler` API field) -> the sigma schedule option it selects
-SCHEDULE_TYPES: dict[str, str | None] = {"Automatic": None, "Karras": "karras", "Exponential": "exponential",
-                                         "Beta": "beta"}
+# A1111's "Schedule type" (its `scheduler` API field) -> the sigma schedule option it selects. "Uniform" is the
+# model's own spacing; "Automatic" is each sampler's default in A1111 1.9+ (`A1111_AUTOMATIC`, else Uniform).
+SCHEDULE_TYPES: dict[str, str | None] = {"Automatic": None, "Uniform": None, "Karras": "karras",
+                                         "Exponential": "exponential", "Beta": "beta"}
+A1111_AUTOMATIC: dict[str, str] = {"DPM++ 2M": "Karras", "DPM++ SDE": "Karras", "DPM++ 2M SDE": "Exponential",
+                                   "DPM2": "Karras", "DPM2 a": "Karras"}
+
+
+def plain_schedule(sampler: str) -> str:
+    """The schedule type A1111 names the model's own spacing by for `sampler`: 'Automatic' where that is the
+    sampler's default, 'Uniform' where A1111's Automatic would mean another schedule (Karras for DPM++ 2M)."""
+    return "Uniform" if sampler in A1111_AUTOMATIC else "Automatic"
 
 
 def split_a1111_name(name: str) -> tuple[str, str]:
     """A combined name -> A1111's (sampler, schedule type) as its infotext writes them:
-    'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'), 'Euler a' -> ('Euler a', 'Automatic')."""
-    for schedule in SCHEDULE_TYPES:
+    'DPM++ 2M Karras' -> ('DPM++ 2M', 'Karras'), 'Euler a' -> ('Euler a', 'Automatic'), and 'DPM++ 2M' (the
+    model's own spacing, as diffusers names it) -> ('DPM++ 2M', 'Uniform')."""
+    for schedule, option in SCHEDULE_TYPES.items():
         base = name[: -len(schedule) - 1]
-        if schedule != "Automatic" and name.endswith(" " + schedule) and base in A1111_SCHEDULERS:
+        if option and name.endswith(" " + schedule) and base in A1111_SCHEDULERS:
             return base, schedule
-    return name, "Automatic"
+    return name, plain_schedule(name)
 
 
 def join_a1111_name(sampler: str, schedule: str | None = None) -> str:
-    """A1111's (sampler_name, scheduler) fields -> one name `scheduler_from_name` takes.
+    """A1111's (sampler_name, scheduler) fields -> one name `scheduler_from_name` takes. 'Automatic' means the
+    sampler's A1111 default ('DPM++ 2M' + 'Automatic' -> 'DPM++ 2M Karras'), 'Uniform' the model's own spacing.
 
     Old clients send the schedule in the sampler name ('DPM++ 2M Karras'); that is accepted as is.
     Raises ValueError naming the known values for an unknown sampler or schedule type.
@@ -135,12 +153,19 @@ def join_a1111_name(sampler: str, schedule: str | None = None) -> str:
     if schedule_key is None:
         raise ValueError(f"unknown schedule type {schedule!r}; known: {', '.join(SCHEDULE_TYPES)}")
     _lookup(sampler)  # a clear error for an unknown sampler
-    if schedule_key == "Automatic" or split_a1111_name(sampler)[1] != "Automatic":
+    if split_a1111_name(sampler)[1] not in ("Automatic", "Uniform"):
+        return sampler  # the schedule is in the name already
+    canonical = next((k for k in A1111_SCHEDULERS if k.casefold() == sampler.strip().casefold()), sampler)
+    if schedule_key == "Automatic":
+        schedule_key = A1111_AUTOMATIC.get(canonical, "Uniform")
+    if schedule_key == "Uniform":
         return sampler
-    combined = f"{sampler} {schedule_key}"
-    if combined.casefold() not in {k.casefold() for k in A1111_SCHEDULERS}:
-        raise ValueError(f"sampler {sampler!r} has no {schedule_key} schedule here; use 'Automatic' or one of: "
-                         + ", ".join(k for k in A1111_SCHEDULERS if k.endswith(schedule_key)))
+    combined = f"{canonical} {schedule_key}"
+    try:
+        _lookup(combined)
+    except ValueError:
+        raise ValueError(f"sampler {sampler!r} has no {schedule_key} schedule here; use 'Uniform' or one of: "
+                         + ", ".join(k for k in A1111_SCHEDULERS if k.endswith(schedule_key))) from None
     return combined
 
 
@@ -153,25 +178,18 @@ def a1111_names_of(scheduler: SchedulerMixin) -> tuple[str, str]:
     """
     config = scheduler.config
     kind = next((name for name, option in SCHEDULE_TYPES.items() if option and config.get(f"use_{option}_sigmas")),
-                "Automatic")
+                None)
     bases: dict[str, dict[str, Any]] = {}
     for name, (cls, options) in A1111_SCHEDULERS.items():
         if cls is type(scheduler):
             bases.setdefault(split_a1111_name(name)[0], {k: v for k, v in options.items() if not k.startswith("use_")})
     for base, options in bases.items():
         if len(bases) == 1 or all(config.get(k) == v for k, v in options.items()):
-            return base, kind
-    return type(scheduler).__name__, kind
+            return base, kind or plain_schedule(base)
+    return type(scheduler).__name__, kind or "Automatic"
 
 
 def scheduler_from_a1111(sampler: str, schedule: str | None, config: dict[str, Any]) -> SchedulerMixin:
-    """The scheduler A1111's (Sampler, Schedule type) stand for, built from `config`. A schedule the name table
-    has no combined name for (e.g. 'Euler a' with 'Karras') is applied as the sigma option, when the class has it."""
-    try:
-        return scheduler_from_name(join_a1111_name(sampler, schedule), config)
-    except ValueError:
-        cls, _ = _lookup(sampler)
-        option = SCHEDULE_TYPES.get(str(schedule).strip().capitalize())
-        if option is None or f"use_{option}_sigmas" not in cls().config:
-            raise
-        return scheduler_from_name(sampler, config, **_sigmas(option))
+    """The scheduler A1111's (Sampler, Schedule type) stand for, built from `config`; a schedule the name table has
+    no combined name for (e.g. 'Euler' with 'Exponential') is applied as the sigma option, when the class has it."""
+    return scheduler_from_name(join_a1111_name(sampler, schedule), config)

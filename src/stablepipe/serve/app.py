@@ -341,7 +341,7 @@ def sampler_items() -> list[dict[str, Any]]:
     """A1111's sampler names (schedule types apart), with the ComfyUI names for the same sampler as aliases."""
     items = []
     for name, entry in A1111_SCHEDULERS.items():
-        if split_a1111_name(name)[1] != "Automatic":
+        if split_a1111_name(name)[1] not in ("Automatic", "Uniform"):
             continue
         aliases = [comfy for comfy, other in COMFYUI_SCHEDULERS.items() if other is entry]
         items.append({"name": name, "aliases": aliases, "options": {}})
