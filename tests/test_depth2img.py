@@ -151,5 +151,5 @@ def test_cli_depth2img(depth_folder, tmp_path, capsys):
     assert main([*args, "--model", str(depth_folder), "--depth-map", str(depth), "--out", str(out)]) == 0
     result = PIL.Image.open(out)
     assert result.size == (40, 24) and json.loads(result.text["stablepipe"])["depth_map"] == str(depth)
-    assert main([*args, "--out", str(out)]) == 2
+    assert main([*args, "--out", str(tmp_path / "no-depth-model.png")]) == 2
     assert "pass --model stabilityai/stable-diffusion-2-depth" in capsys.readouterr().err

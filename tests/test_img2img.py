@@ -179,7 +179,7 @@ def test_cli_img2img(tmp_path, monkeypatch, capsys):
     assert settings["strength"] == 0.5 and settings["image"] == str(source) and settings["seed"] == 4
     assert main([*args, "--width", "32", "--height", "16", "--out", str(tmp_path / "small.png")]) == 0
     assert PIL.Image.open(tmp_path / "small.png").size == (32, 16)
-    assert main([*args, "--strength", "2", "--out", str(out)]) == 2
+    assert main([*args, "--strength", "2", "--out", str(tmp_path / "strength.png")]) == 2
     assert "strength must be a number in [0, 1]" in capsys.readouterr().err
     assert main(["img2img", "x", "--image", str(tmp_path / "missing.png"), "--quiet"]) == 2
     assert "missing.png" in capsys.readouterr().err
