@@ -26,6 +26,7 @@ _EXPORTS = {
     "StableDiffusionXLPipelineOutput": "stablepipe.pipelines.sdxl",
     "StableDiffusionSafePipelineOutput": "stablepipe.pipelines.safe",
     "DiffusionPipeline": "stablepipe.pipelines.base",
+    "NonFiniteResultError": "stablepipe.pipelines.arguments",
     "StableDiffusionPipelineOutput": "stablepipe.pipelines.base",
     "StableDiffusionPipeline": "stablepipe.pipelines.stable_diffusion",
     "StableDiffusionImg2ImgPipeline": "stablepipe.pipelines.img2img",
