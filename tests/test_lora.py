@@ -219,3 +219,17 @@ def test_lora_errors(sd1_folder, tmp_path):
     with pytest.raises(ValueError, match="does not have"):
         pipe.load_lora_weights({"lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(4, 32),
                                 "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(37, 4)})
+
+
+@pytest.mark.parametrize("weight", [float("nan"), float("inf"), "x"])
+def test_non_finite_adapter_weights_and_fuse_scales_are_refused(sd1_folder, tmp_path, weight):
+    ours = stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder, safety_checker=None)
+    ours.load_lora_weights(write_checkpoint(kohya_sd1_lora(ours), tmp_path / "lora.safetensors"), adapter_name="a")
+    before = ours.unet.state_dict()["conv_in.weight"].clone()
+    with pytest.raises(ValueError, match="adapter_weights for 'a' must be a"):
+        ours.set_adapters(["a"], [weight])
+    with pytest.raises(ValueError, match=r"adapter_weights\['a'\]\['unet'\] must be a"):
+        ours.set_adapters(["a"], [{"unet": weight}])
+    with pytest.raises(ValueError, match="lora_scale must be a"):
+        ours.fuse_lora(lora_scale=weight)
+    assert ours.get_active_adapters() == ["a"] and torch.equal(ours.unet.state_dict()["conv_in.weight"], before)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -36,6 +37,17 @@ OLD_PROCESSOR = [(re.compile(r"\.processor\.(to_[qkv])_lora\."), r".\1.lora."),
                  (re.compile(r"\.processor\.to_out_lora\."), ".to_out.0.lora.")]
 UNSUPPORTED = ("hada_w1", "lokr_w1", "dora_scale", "lora_magnitude_vector", ".diff", "oft_")
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def finite_lora_weight(value: Any, name: str) -> float:
+    """A LoRA weight or scale as a float; NaN / inf (which would turn every weight it touches into NaN) refused."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {value!r}: it would turn the weights into NaN")
+    return number
 
 
 @dataclasses.dataclass
@@ -285,9 +297,11 @@ class LoraLoaderMixin:
             if isinstance(weight, Mapping):
                 if bad := sorted(set(weight) - set(COMPONENTS)):
                     raise ValueError(f"adapter weights by component take {COMPONENTS}, not {bad}")
-                self._lora.weights[name] = {k: float(v) for k, v in weight.items()}
+                self._lora.weights[name] = {k: finite_lora_weight(v, f"adapter_weights[{name!r}][{k!r}]")
+                                            for k, v in weight.items()}
             else:
-                self._lora.weights[name] = dict.fromkeys(COMPONENTS, 1.0 if weight is None else float(weight))
+                value = 1.0 if weight is None else finite_lora_weight(weight, f"adapter_weights for {name!r}")
+                self._lora.weights[name] = dict.fromkeys(COMPONENTS, value)
         self._lora.active = names
 
     def get_active_adapters(self) -> list[str]:
@@ -323,6 +337,7 @@ class LoraLoaderMixin:
         safe_fusing: bool = False, adapter_names: list[str] | None = None,
     ) -> None:
         """Add the active (or named) adapters' weighted deltas into the weights: no per-call cost afterwards."""
+        lora_scale = finite_lora_weight(lora_scale, "lora_scale")
         state = self._lora
         for adapter in adapter_names or state.active:
             for component, modules in state.adapters[adapter].items():
