@@ -20,7 +20,7 @@ import torch
 from fixtures_sdxl import sdxl_folder  # noqa: F401  (fixture)
 
 import stablepipe
-from stablepipe.infotext import parse_infotext
+from stablepipe.infotext import model_hash, parse_infotext
 from stablepipe.serve import ModelSpec, ServeConfig, create_app
 from stablepipe.serve.manager import ModelManager
 
@@ -123,8 +123,11 @@ def test_txt2img_batch_equals_python_api_seed_by_seed(api, folders):
                               generator=torch.Generator().manual_seed(seed), **SIZE)
         assert same(image, expected) <= 1
     assert result.images[0].info["parameters"] == result.info["infotexts"][0]  # the PNG carries its infotext
+    digest = model_hash(folders["tiny"])  # A1111's short hash of the served model, as the CLI writes it
+    assert result.info["sd_model_hash"] == digest and len(digest) == 10
     assert result.info["infotexts"][1].splitlines()[-1] == (
-        "Steps: 4, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6, Seed: 8, Size: 32x32, Model: tiny")
+        "Steps: 4, Sampler: Euler a, Schedule type: Automatic, CFG scale: 6, Seed: 8, Size: 32x32, "
+        f"Model hash: {digest}, Model: tiny")
     assert parse_infotext(result.info["infotexts"][0])["Negative prompt"] == "blurry"
 
 

@@ -238,3 +238,16 @@ def model_name(source: str | os.PathLike) -> str:
     if path.suffix.lower() in WEIGHT_SUFFIXES:
         return path.stem
     return path.name if path.exists() else text
+
+
+def local_model_hash(source: str | os.PathLike) -> str | None:
+    """`model_hash` of a model file, folder or Hub repo in the local cache (hashes kept in the stablepipe cache's
+    hashes.json); None where there is no local copy."""
+    from stablepipe.builtin import cache_dir
+    from stablepipe.loading.files import fetch_file
+
+    try:
+        local = Path(source) if Path(source).exists() else fetch_file(source, "model_index.json").parent
+        return model_hash(local, cache=cache_dir() / "hashes.json")
+    except (OSError, ValueError):
+        return None

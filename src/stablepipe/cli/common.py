@@ -378,26 +378,13 @@ def call_default(pipe, name: str) -> Any:
 
 def model_settings(pipe, source: str | None) -> dict[str, Any]:
     """Model (as given), Model hash (see `local_model_hash`) and the A1111 sampler names of the scheduler."""
+    from stablepipe.infotext import local_model_hash
     from stablepipe.schedulers.names import a1111_names_of
 
     sampler, schedule = a1111_names_of(pipe.scheduler)
     loaded = getattr(pipe, "loaded_from", None) or source
     return {"model": str(source or "builtin"), "model_hash": local_model_hash(loaded) if loaded else None,
             "sampler": sampler, "schedule_type": schedule}
-
-
-def local_model_hash(source: str | Path) -> str | None:
-    """`infotext.model_hash` of a model file, folder or Hub repo in the local cache (hashes cached in the
-    stablepipe cache); None where there is no local copy (a Hub file URL)."""
-    from stablepipe.builtin import cache_dir
-    from stablepipe.infotext import model_hash
-    from stablepipe.loading.files import fetch_file
-
-    try:
-        local = Path(source) if Path(source).exists() else fetch_file(source, "model_index.json").parent
-        return model_hash(local, cache=cache_dir() / "hashes.json")
-    except (OSError, ValueError):
-        return None
 
 
 def lora_hashes(loras: list[str]) -> dict[str, str]:

@@ -344,7 +344,7 @@ def finish_images(plan: Plan, images: list[PIL.Image.Image]) -> list[PIL.Image.I
 
 
 def infotext_for(plan: Plan, request: ImageRequest) -> str:
-    params = infotext_params(request, model_name=plan.model.name)
+    params = infotext_params(request, model_name=plan.model.name, model_hash=plan.model.hash)
     params.update(plan.extra_params)
     ordered = {k: v for k, v in params.items() if k not in ("Inpaint area", "Masked area padding")}
     ordered.update({k: params.get(k) for k in ("Inpaint area", "Masked area padding")})
@@ -363,7 +363,7 @@ def info_json(plan: Plan, req: GenerationRequest, infotexts: list[str]) -> str:
         "subseed_strength": 0, "width": first.width, "height": first.height, "sampler_name": plan.sampler_name,
         "scheduler": req.scheduler or "Automatic", "cfg_scale": req.cfg_scale, "steps": req.steps,
         "batch_size": req.batch_size, "n_iter": req.n_iter, "restore_faces": False, "face_restoration_model": None,
-        "sd_model_name": plan.model.name, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "sd_model_name": plan.model.name, "sd_model_hash": plan.model.hash, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": hires.get("strength", first.strength if first.task != "txt2img" else None),
         "extra_generation_params": {k: v for k, v in plan.extra_params.items() if v is not None},

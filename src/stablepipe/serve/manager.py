@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from stablepipe.infotext import local_model_hash
 from stablepipe.serve.config import BUILTIN, ModelSpec, ServeConfig
 
 # model family -> task -> pipeline class name
@@ -30,6 +31,7 @@ class LoadedModel:
     source: str
     family: str  # a key of TASK_CLASSES
     pipelines: dict[str, Any]
+    hash: str | None = None  # A1111's short model hash (infotext's "Model hash"); None where not local
 
     def pipeline(self, task: str) -> Any:
         if task not in self.pipelines:
@@ -123,9 +125,10 @@ class ModelManager:
             self.load_upscaler(self.config.upscaler)
 
     def load(self, spec: ModelSpec) -> LoadedModel:
-        pipe = read_pipeline(resolve_source(spec.source), self.config)
+        source = resolve_source(spec.source)
+        pipe = read_pipeline(source, self.config)
         family = family_of(pipe)
-        model = LoadedModel(spec.label, spec.source, family, task_pipelines(pipe, family))
+        model = LoadedModel(spec.label, spec.source, family, task_pipelines(pipe, family), local_model_hash(source))
         with self._lock:
             self.models[model.name] = model
         return model

@@ -195,7 +195,7 @@ class ModelManager:
 
     def model_hash(self, slot: str) -> str | None:
         """The A1111 short hash of the model in `slot` (see `infotext.model_hash`), computed once per load."""
-        from stablepipe.cli.common import local_model_hash
+        from stablepipe.infotext import local_model_hash
 
         if slot not in self._hashes and slot in self._paths:
             self._hashes[slot] = local_model_hash(self._paths[slot])
