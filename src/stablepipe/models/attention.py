@@ -406,8 +406,8 @@ class AttentionProcessorMixin:
             if len(processor) != len(layers) or set(processor) - set(layers):
                 missing, extra = sorted(set(layers) - set(processor)), sorted(set(processor) - set(layers))
                 raise ValueError(
-                    f"a dict of processors needs one for each of the {len(layers)} attention layers "
-                    f"(see model.attn_processors); missing {missing[:3]}, unknown {extra[:3]}"
+                    f"the number of processors ({len(processor)}) does not match the {len(layers)} attention layers; "
+                    f"give one for each, named as in model.attn_processors (missing {missing[:3]}, unknown {extra[:3]})"
                 )
             for name, layer in layers.items():
                 layer.set_processor(processor[name])
