@@ -301,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--side", choices=[*SIDES, "both"], default="both")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per test (pytest-timeout)")
     parser.add_argument("--report-only", action="store_true")
+    parser.add_argument("--note", default="", help="a paragraph for the top of the document (how the run went)")
     parser.add_argument("--skip-done", action="store_true", help="skip files whose results are there already")
     args = parser.parse_args(argv)
     if not (args.diffusers_src / "tests").is_dir():
@@ -323,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"{side:10} {test_file}", flush=True)
                 run_file(args.work, side, test_file, args.timeout)
-    total, ours = write_report(args.work, files, args.out, header_text(args.diffusers_src), NOT_MATCHED.read_text())
+    header = header_text(args.diffusers_src) + (f"\n\n{args.note}" if args.note else "")
+    total, ours = write_report(args.work, files, args.out, header, NOT_MATCHED.read_text())
     print(f"{ours} of {total} diffusers-passing tests pass on stablepipe; table in {args.out}")
     return 0
 
