@@ -37,8 +37,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         image_encoder=None,
         requires_safety_checker: bool = True,
     ):
-        channels = vae.config.latent_channels
-        image_stages.check_unet_channels(unet, [2 * channels + 1, channels], type(self).__name__)
+        if vae is not None and unet is not None:  # either may be None for a text-encoding-only pipeline
+            channels = vae.config.latent_channels
+            image_stages.check_unet_channels(unet, [2 * channels + 1, channels], type(self).__name__)
         super().__init__(
             vae, text_encoder, tokenizer, unet, scheduler, safety_checker=safety_checker,
             feature_extractor=feature_extractor, image_encoder=image_encoder,
