@@ -21,7 +21,8 @@ import torch
 
 log = logging.getLogger("stablepipe.kernels")
 SOURCES = (Path(__file__).parent / "csrc" / "attention.cpp",)
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp")  # -fopenmp: at::parallel_for
+# is inline in ATen's headers; compiled without it, its `omp parallel` is ignored and the kernel runs on one thread
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 
 
@@ -84,7 +85,7 @@ def _load():
     folder.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name=f"stablepipe_kernels_{key}", sources=[str(p) for p in SOURCES], extra_cflags=list(FLAGS),
-        build_directory=str(folder), is_python_module=False, verbose=False,
+        extra_ldflags=["-fopenmp"], build_directory=str(folder), is_python_module=False, verbose=False,
     )  # fmt: skip
     ops = torch.ops.stablepipe_kernels
     kinds = {1: "float32", 2: "bfloat16"}
