@@ -225,6 +225,15 @@ def test_models_samplers_options_and_an_sdxl_model(api, folders):
     assert api.get_options()["sd_model_checkpoint"] == "tiny"  # kept, as A1111 does when asked not to restore
 
 
+def test_automatic_schedule_is_the_samplers_a1111_default(api):
+    """A1111 1.9+: DPM++ 2M SDE with the Automatic schedule runs on exponential sigmas, 'Uniform' on the model's own."""
+    automatic = api.txt2img(prompt=PROMPT, seed=3, sampler_name="DPM++ 2M SDE", scheduler="Automatic", **SIZE)
+    exponential = api.txt2img(prompt=PROMPT, seed=3, sampler_name="DPM++ 2M SDE", scheduler="Exponential", **SIZE)
+    uniform = api.txt2img(prompt=PROMPT, seed=3, sampler_name="DPM++ 2M SDE", scheduler="Uniform", **SIZE)
+    assert same(automatic.image, exponential.image) == 0 and same(automatic.image, uniform.image) > 0
+    assert "Sampler: DPM++ 2M SDE, Schedule type: Exponential" in automatic.info["infotexts"][0]  # as drawn
+
+
 def test_clip_skip_option_changes_the_picture(api, folders):
     """The server reads A1111's prompt syntax (`prompt_weighting`), where, as in A1111, clip skip applies to the
     negative prompt too; the Python API does the same with `pipe.prompt_weighting = True`."""

@@ -70,10 +70,10 @@ def apply_png(args: argparse.Namespace, say) -> None:
 
 
 def check_sampler(path: str, sampler: str, schedule: str) -> tuple[str, str]:
-    from stablepipe.schedulers.names import A1111_SCHEDULERS, SCHEDULE_TYPES, _lookup
+    from stablepipe.schedulers.names import A1111_SCHEDULERS, SCHEDULE_TYPES, lookup_scheduler_name
 
     try:
-        _lookup(sampler)
+        lookup_scheduler_name(sampler)
     except ValueError:
         raise UsageError(f"--from-png {path}: its sampler {sampler!r} is not one stablepipe has; pick one with "
                          f"--scheduler (known: {', '.join(A1111_SCHEDULERS)})") from None

@@ -80,7 +80,7 @@ def list_scheduler_names() -> list[str]:
     return [*A1111_SCHEDULERS, *COMFYUI_SCHEDULERS]
 
 
-def _lookup(name: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
+def lookup_scheduler_name(name: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
     table = {**A1111_SCHEDULERS, **COMFYUI_SCHEDULERS}
     folded = {key.casefold(): value for key, value in table.items()}
     key = name.strip().casefold()
@@ -100,7 +100,7 @@ def _lookup(name: str) -> tuple[type[SchedulerMixin], dict[str, Any]]:
 def scheduler_from_name(name: str, config: dict[str, Any] | None = None, **overrides: Any) -> SchedulerMixin:
     """The scheduler an A1111 / ComfyUI sampler name stands for, built from `config` (e.g. a pipeline's
     scheduler config) with the name's options, then `overrides`, applied on top."""
-    cls, options = _lookup(name)
+    cls, options = lookup_scheduler_name(name)
     return cls.from_config(config or {}, **{**options, **overrides})
 
 
@@ -152,7 +152,7 @@ def join_a1111_name(sampler: str, schedule: str | None = None) -> str:
     schedule_key = folded.get((schedule or "Automatic").strip().casefold())
     if schedule_key is None:
         raise ValueError(f"unknown schedule type {schedule!r}; known: {', '.join(SCHEDULE_TYPES)}")
-    _lookup(sampler)  # a clear error for an unknown sampler
+    lookup_scheduler_name(sampler)  # a clear error for an unknown sampler
     if split_a1111_name(sampler)[1] not in ("Automatic", "Uniform"):
         return sampler  # the schedule is in the name already
     canonical = next((k for k in A1111_SCHEDULERS if k.casefold() == sampler.strip().casefold()), sampler)
@@ -162,7 +162,7 @@ def join_a1111_name(sampler: str, schedule: str | None = None) -> str:
         return sampler
     combined = f"{canonical} {schedule_key}"
     try:
-        _lookup(combined)
+        lookup_scheduler_name(combined)
     except ValueError:
         raise ValueError(f"sampler {sampler!r} has no {schedule_key} schedule here; use 'Uniform' or one of: "
                          + ", ".join(k for k in A1111_SCHEDULERS if k.endswith(schedule_key))) from None

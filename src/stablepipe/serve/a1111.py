@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from stablepipe.batching import ImageRequest, infotext_params
 from stablepipe.infotext import format_infotext
-from stablepipe.schedulers.names import A1111_SCHEDULERS, COMFYUI_SCHEDULERS, join_a1111_name
+from stablepipe.schedulers.names import A1111_SCHEDULERS, join_a1111_name, lookup_scheduler_name
 from stablepipe.serve import images as pictures
 from stablepipe.serve.config import ServeConfig
 from stablepipe.serve.errors import Unsupported
@@ -130,8 +130,8 @@ def resolve_sampler(sampler: str | None, schedule: str | None, *, field: str = "
                     schedule_field: str = "scheduler") -> str:
     """A1111's (sampler_name, scheduler) -> one name `scheduler_from_name` takes, or a 422 naming the field."""
     try:
-        scheduler_entry(sampler or "")
-    except KeyError:
+        lookup_scheduler_name(sampler or "")
+    except ValueError:
         known = ", ".join(A1111_SCHEDULERS)
         raise Unsupported(field, f"unknown sampler {sampler!r}; known: {known}") from None
     try:
@@ -140,21 +140,16 @@ def resolve_sampler(sampler: str | None, schedule: str | None, *, field: str = "
         raise Unsupported(schedule_field, str(err)) from None
 
 
-def scheduler_entry(name: str) -> tuple[type, dict[str, Any]]:
-    table = {k.casefold(): v for k, v in {**A1111_SCHEDULERS, **COMFYUI_SCHEDULERS}.items()}
-    return table[name.strip().casefold()]
-
-
 def stochastic(name: str) -> bool:
     """Samplers that add fresh noise every step (ancestral, SDE, DDPM): A1111 runs them at eta 1."""
-    cls, options = scheduler_entry(name)
+    cls, options = lookup_scheduler_name(name)
     noisy = ("Ancestral", "SDE", "DDPM", "LCM")
     return any(word in cls.__name__ for word in noisy) or "sde" in str(options.get("algorithm_type", ""))
 
 
 def sampler_eta(name: str, req: GenerationRequest, options: dict[str, Any]) -> float:
     """DDIM's eta (the request's, else the eta_ddim option); other samplers take none (0)."""
-    if scheduler_entry(name)[0].__name__ == "DDIMScheduler":
+    if lookup_scheduler_name(name)[0].__name__ == "DDIMScheduler":
         return float(req.eta if req.eta is not None else options.get("eta_ddim", 0.0))
     if stochastic(name):
         refuse_unless(req.eta in (None, 1), "eta", f"{name} draws its noise at eta 1 here; send 1 or null")
