@@ -14,6 +14,8 @@ Feature maps may be channels-last (`model.to(memory_format=torch.channels_last)`
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -109,14 +111,22 @@ class AttnProcessor2_0:
     """
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        q, k, v = self.projections(attn, hidden_states, encoder_hidden_states)
+        out = self.attend(attn, q, k, v, attention_mask)  # (B, N, inner)
+        return self.output(attn, out, hidden_states)
+
+    def projections(self, attn, hidden_states, encoder_hidden_states) -> tuple[torch.Tensor, ...]:
+        """q (B, N, inner) of the (normed) tokens, k and v (B, M, inner) of the context (of the tokens without)."""
         tokens = _flatten_pixels(hidden_states)  # (B, N, C)
         if attn.group_norm is not None:
             tokens = attn.group_norm(tokens.transpose(1, 2)).transpose(1, 2)
         context = tokens if encoder_hidden_states is None else encoder_hidden_states  # (B, M, C_ctx)
         if attn.norm_cross is not None:
             context = attn.norm_encoder_hidden_states(context)
-        q, k, v = attn.project(tokens, context) if hasattr(attn, "project") else _project(attn, tokens, context)
-        out = self.attend(attn, q, k, v, attention_mask)  # (B, N, inner)
+        return attn.project(tokens, context) if hasattr(attn, "project") else _project(attn, tokens, context)
+
+    def output(self, attn, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The attended values (B, N, inner) through `to_out`, in the input's layout (plus its residual)."""
         out = attn.to_out[1](attn.to_out[0](out))  # (B, N, C)
         return _finish(attn, out, hidden_states)
 
@@ -152,6 +162,143 @@ def _finish(attn, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tenso
     return out / attn.rescale_output_factor if attn.rescale_output_factor != 1.0 else out
 
 
+# ---- IP-Adapter: decoupled cross-attention on image tokens --------------------------------------------------
+
+
+def split_image_context(context, num_tokens: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The (text, [image tokens per adapter]) that an IP-Adapter UNet passes as its context, as diffusers does.
+
+    A plain tensor is diffusers' older form, the image tokens of one adapter appended to the text: split off
+    its last `num_tokens` tokens."""
+    if isinstance(context, tuple):
+        text, image = context
+        return text, list(image)
+    if context is None:
+        raise ValueError(
+            "an IP-Adapter attention processor got no context: it belongs on cross-attention layers, called with "
+            "(text embeds, [image embeds]) as a UNet with a loaded IP-Adapter passes them"
+        )
+    return context[:, :-num_tokens], [context[:, -num_tokens:]]
+
+
+def image_tokens_per_sample(tokens: torch.Tensor, batch: int) -> torch.Tensor:
+    """(E * B, [n_images,] T, D) image tokens -> (B, E * n_images * T, D): each sample attends to all of its
+    images' tokens at once. E > 1 rows per sample are read as more images, as diffusers' reshape reads them."""
+    if tokens.shape[0] % batch:
+        raise ValueError(
+            f"IP-Adapter image embeds have batch {tokens.shape[0]}, which does not divide into the UNet's batch of "
+            f"{batch}: give one row of image embeds per sample (with guidance: negative rows first, then positive)"
+        )
+    return tokens.reshape(batch, -1, tokens.shape[-1])
+
+
+def downsample_ip_mask(mask: torch.Tensor, batch: int, num_queries: int) -> torch.Tensor:
+    """An IP-Adapter mask (1 or B, H, W) resized to the `num_queries` tokens of a layer: (B, N, 1).
+
+    The token grid is read off N and the mask's aspect ratio, h = ceil(sqrt(N / ratio)), w = N // h, as in
+    diffusers' `IPAdapterMaskProcessor.downsample`; a grid of another size is padded with 0 or cut to N."""
+    height, width = mask.shape[-2:]
+    rows = int(math.sqrt(num_queries / (width / height)))
+    rows += int(num_queries % rows != 0)
+    if mask.shape[0] not in (1, batch):
+        raise ValueError(f"an IP-Adapter mask has batch {mask.shape[0]}; give 1 (for every sample) or {batch}")
+    small = F.interpolate(mask[None], size=(rows, num_queries // rows), mode="bicubic")[0]  # (1 or B, h, w)
+    flat = small.expand(batch, -1, -1).reshape(batch, -1)  # (B, h * w)
+    if flat.shape[1] != num_queries:
+        warnings.warn(
+            "the IP-Adapter mask's aspect ratio does not match the picture's; give masks of the picture's size",
+            UserWarning,
+            stacklevel=2,
+        )
+        flat = F.pad(flat, (0, num_queries - flat.shape[1])) if flat.shape[1] < num_queries else flat[:, :num_queries]
+    return flat[..., None]  # (B, N, 1)
+
+
+def check_ip_masks(masks, scales: list, image_tokens: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """`cross_attention_kwargs["ip_adapter_masks"]`: one (1, n_images, H, W) mask (or None) per adapter."""
+    if masks is None:
+        return [None] * len(scales)
+    if torch.is_tensor(masks):
+        masks = list(masks.unsqueeze(1))  # diffusers' older form: (n_adapters, 1, H, W)
+    if not len(masks) == len(scales) == len(image_tokens):
+        raise ValueError(
+            f"ip_adapter_masks has {len(masks)} entries for {len(scales)} IP-Adapters ({len(image_tokens)} image "
+            "embeds); give one mask (or None) per adapter"
+        )
+    for index, (mask, scale, tokens) in enumerate(zip(masks, scales, image_tokens)):
+        if mask is None:
+            continue
+        if not torch.is_tensor(mask) or mask.ndim != 4:
+            raise ValueError(
+                f"ip_adapter_masks[{index}] must be a tensor (1, n_images, height, width), got "
+                f"{tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__}"
+            )
+        if mask.shape[1] != tokens.shape[1]:
+            raise ValueError(f"ip_adapter_masks[{index}] has {mask.shape[1]} masks for {tokens.shape[1]} images")
+        if isinstance(scale, list) and len(scale) != mask.shape[1]:
+            raise ValueError(f"ip_adapter_masks[{index}] has {mask.shape[1]} masks for {len(scale)} scales")
+    return list(masks)
+
+
+class IPAdapterAttnProcessor2_0(nn.Module):
+    """Cross-attention on the text plus, for every loaded IP-Adapter, attention on its image tokens: out =
+    attn(q, K_text, V_text) + scale * attn(q, K_ip, V_ip) (Ye et al. 2023, "IP-Adapter", eq. 5, decoupled
+    cross-attention). `to_k_ip[i]` / `to_v_ip[i]` are adapter i's projections and `scale[i]` its weight (0 skips
+    it; a list gives one weight per masked image). Attention runs as `AttnProcessor2_0` (the kernel path).
+    Called as diffusers calls it, with `encoder_hidden_states=(text, [image tokens per adapter])`."""
+
+    text_attention = AttnProcessor2_0()
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int | None = None, num_tokens=(4,), scale=1.0):
+        super().__init__()
+        num_tokens = list(num_tokens) if isinstance(num_tokens, (tuple, list)) else [num_tokens]
+        scale = scale if isinstance(scale, list) else [scale] * len(num_tokens)
+        if len(scale) != len(num_tokens):
+            raise ValueError(f"got {len(scale)} scales for {len(num_tokens)} IP-Adapters; give one per adapter")
+        self.hidden_size, self.cross_attention_dim = hidden_size, cross_attention_dim
+        self.num_tokens, self.scale = num_tokens, scale
+        width = cross_attention_dim or hidden_size
+        self.to_k_ip = nn.ModuleList(nn.Linear(width, hidden_size, bias=False) for _ in num_tokens)
+        self.to_v_ip = nn.ModuleList(nn.Linear(width, hidden_size, bias=False) for _ in num_tokens)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 scale: float = 1.0, ip_adapter_masks=None, **kwargs):  # fmt: skip
+        text, image_tokens = split_image_context(encoder_hidden_states, self.num_tokens[0])
+        base = self.text_attention
+        q, k, v = base.projections(attn, hidden_states, text)
+        out = base.attend(attn, q, k, v, attention_mask)  # (B, N, inner)
+        masks = check_ip_masks(ip_adapter_masks, self.scale, image_tokens)
+        for i, (tokens, weight, mask) in enumerate(zip(image_tokens, self.scale, masks)):
+            if all(w == 0 for w in (weight if isinstance(weight, list) else [weight])):
+                continue  # a switched-off adapter costs nothing
+            out = self.add_adapter(attn, q, out, tokens, i, weight, mask)
+        return base.output(attn, out, hidden_states)
+
+    def add_adapter(self, attn, q, out, tokens, i: int, weight, mask) -> torch.Tensor:
+        """`out` plus adapter i's image attention: on all its images at once, or image by image under a mask."""
+        if mask is None:
+            if isinstance(weight, list):
+                raise ValueError("a list of IP-Adapter scales (one per image) needs ip_adapter_masks; give a float")
+            return out + weight * self.image_attention(attn, q, tokens, i)  # (B, N, inner)
+        weights = weight if isinstance(weight, list) else [weight] * mask.shape[1]
+        for j in range(mask.shape[1]):
+            region = downsample_ip_mask(mask[:, j], q.shape[0], q.shape[1]).to(q.device, q.dtype)  # (B, N, 1)
+            out = out + weights[j] * (self.image_attention(attn, q, tokens[:, j], i) * region)
+        return out
+
+    def image_attention(self, attn, q: torch.Tensor, tokens: torch.Tensor, i: int) -> torch.Tensor:
+        """softmax(q K_ip^T / sqrt(d)) V_ip on adapter i's image tokens: (B, N, inner)."""
+        k = image_tokens_per_sample(self.to_k_ip[i](tokens), q.shape[0])  # (B, M, inner)
+        v = image_tokens_per_sample(self.to_v_ip[i](tokens), q.shape[0])
+        return self.text_attention.attend(attn, q, k, v, None)
+
+
+class IPAdapterAttnProcessor(IPAdapterAttnProcessor2_0):
+    """`IPAdapterAttnProcessor2_0` with attention written out (`AttnProcessor`); same result."""
+
+    text_attention = AttnProcessor()
+
+
 # ---- the attention module -----------------------------------------------------------------------------------
 
 
@@ -171,6 +318,7 @@ class Attention(nn.Module):
         heads: int = 8,
         dim_head: int = 64,
         bias: bool = False,
+        out_bias: bool = True,
         upcast_attention: bool = False,
     ):
         super().__init__()
@@ -184,7 +332,7 @@ class Attention(nn.Module):
         self.to_q = nn.Linear(query_dim, inner_dim, bias=bias)
         self.to_k = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
         self.to_v = nn.Linear(cross_attention_dim or query_dim, inner_dim, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim), nn.Dropout(0.0)])
+        self.to_out = nn.ModuleList([nn.Linear(inner_dim, query_dim, bias=out_bias), nn.Dropout(0.0)])
         self._register_state_dict_hook(_unshare_fused_weights)
         # what diffusers' processors read from the module (the VAE's attention sets its own)
         self.scale = dim_head**-0.5
@@ -214,6 +362,10 @@ class Attention(nn.Module):
         return self.processor(self, x, context, attention_mask, **cross_attention_kwargs)
 
     def set_processor(self, processor) -> None:
+        """Use `processor` from now on. A processor that is a module (IP-Adapter's, with weights) becomes a
+        submodule, so it moves with `.to()` and its weights are in the state dict, as in diffusers."""
+        if not isinstance(processor, nn.Module):
+            self._modules.pop("processor", None)  # a module processor is replaced by a plain one
         self.processor = processor
 
     def get_processor(self, return_deprecated_lora: bool = False):
@@ -264,7 +416,8 @@ class Attention(nn.Module):
 
     def project(self, x: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """q, k, v: three projections, or one (two for cross-attention) when fused."""
-        fused = self.fused_weight() if self.fused_projections and not _has_hooks(*self.fused_layers()) else None
+        fusable = self.fused_projections and (self.is_cross_attention or context is x)  # q, k, v of one input
+        fused = self.fused_weight() if fusable and not _has_hooks(*self.fused_layers()) else None
         if fused is None:
             return self.to_q(x), self.to_k(context), self.to_v(context)
         weight, bias = fused
@@ -462,22 +615,42 @@ class SpatialSelfAttention(Attention):
 class GEGLU(nn.Module):
     """Gated GELU, x * gelu(gate) with [x, gate] = proj(input) (Shazeer 2020, "GLU Variants", eq. 6)."""
 
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, *, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2)
+        self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x, gate = self.proj(x).chunk(2, dim=-1)  # (B, N, dim_out) each
         return F.gelu(gate).mul_(x)  # the product written into gelu's fresh output
 
 
-class FeedForward(nn.Module):
-    """GEGLU up-projection to `mult * dim`, then a linear back to `dim` (`net.0`, `net.2` as in diffusers)."""
+class GELU(nn.Module):
+    """A linear layer, then GELU (Hendrycks & Gimpel 2016): the up-projection of IP-Adapter's image projections."""
 
-    def __init__(self, dim: int, *, mult: int = 4):
+    def __init__(self, dim_in: int, dim_out: int, *, bias: bool = True):
         super().__init__()
-        inner = dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim)])
+        self.proj = nn.Linear(dim_in, dim_out, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
+FEED_FORWARD_ACTIVATIONS = {"geglu": GEGLU, "gelu": GELU}
+
+
+class FeedForward(nn.Module):
+    """An up-projection to `mult * dim` with its activation (GEGLU in the UNet), then a linear to `dim_out`
+    (default `dim`); `net.0`, `net.2` as in diffusers."""
+
+    def __init__(
+        self, dim: int, dim_out: int | None = None, *, mult: float = 4, activation: str = "geglu", bias: bool = True
+    ):
+        super().__init__()
+        if activation not in FEED_FORWARD_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(FEED_FORWARD_ACTIVATIONS)}, got {activation!r}")
+        inner = int(dim * mult)
+        up = FEED_FORWARD_ACTIVATIONS[activation](dim, inner, bias=bias)
+        self.net = nn.ModuleList([up, nn.Dropout(0.0), nn.Linear(inner, dim_out or dim, bias=bias)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net[2](self.net[0](x))

@@ -18,15 +18,25 @@ from torch import nn
 from stablepipe.configuration import FrozenConfig, register_to_config
 from stablepipe.models import kblocks
 from stablepipe.models.attention import (
+    Attention,
     AttentionArgs,
     AttentionProcessorMixin,
     AttentionSlicingMixin,
+    AttnProcessor2_0,
     FusedProjectionsMixin,
+    IPAdapterAttnProcessor2_0,
     SpatialSelfAttention,
     Transformer2DModel,
 )
 from stablepipe.models.base import ModelMixin, checkpointed
-from stablepipe.models.embeddings import GaussianFourierProjection, TimestepEmbedding, Timesteps
+from stablepipe.models.embeddings import (
+    GaussianFourierProjection,
+    MultiIPAdapterImageProjection,
+    TimestepEmbedding,
+    Timesteps,
+    image_projection_from_state_dict,
+    load_exactly,
+)
 from stablepipe.models.resnet import Downsample2D, ResnetSpec, Upsample2D, get_activation
 from stablepipe.outputs import BaseOutput
 
@@ -576,6 +586,7 @@ class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, Fused
         width = block_out_channels[0]
         self.conv_in = nn.Conv2d(in_channels, width, conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
         temb_channels = self._build_embeddings(c)
+        self.encoder_hid_proj: nn.Module | None = None  # IP-Adapters' image projections, once loaded
         self._build_blocks(c, temb_channels * (2 if class_embeddings_concat else 1))
         if norm_num_groups is not None:
             self.conv_norm_out = nn.GroupNorm(norm_num_groups, width, eps=norm_eps)
@@ -603,8 +614,11 @@ class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, Fused
         """Down, mid and up blocks, each built by the table entry its config name picks."""
         down, mid, up = unet_stages(c, temb_channels)
         self.down_blocks = nn.ModuleList(build_block(DOWN_BLOCKS, "down_block_types", i, a) for i, a in enumerate(down))
+        # registered before the mid block (built after it), as diffusers: `attn_processors` lists down, up, mid
+        # blocks in this order, which numbers the layers of IP-Adapter files
+        self.up_blocks = nn.ModuleList()
         self.mid_block = build_block(MID_BLOCKS, "mid_block_type", None, mid)
-        self.up_blocks = nn.ModuleList(build_block(UP_BLOCKS, "up_block_types", i, a) for i, a in enumerate(up))
+        self.up_blocks.extend(build_block(UP_BLOCKS, "up_block_types", i, a) for i, a in enumerate(up))
         for i, block in enumerate(self.up_blocks):
             block.resolution_idx = i
         self.num_upsamplers = len(up) - 1
@@ -641,6 +655,7 @@ class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, Fused
         likewise, on the pixels); `cross_attention_kwargs` go to the attention processors, except "scale", the
         LoRA scale, which the pipelines apply."""
         attention = _attention_args(sample, attention_mask, encoder_attention_mask, cross_attention_kwargs)
+        encoder_hidden_states = self.process_encoder_hidden_states(encoder_hidden_states, added_cond_kwargs)
         emb = self.embed(sample, timestep, class_labels, timestep_cond, added_cond_kwargs)  # (B, temb)
         x = self.conv_in(2 * sample - 1.0 if self.config.center_input_sample else sample)  # (B, C0, H, W)
         skips = [x]
@@ -655,6 +670,67 @@ class UNet2DConditionModel(AttentionProcessorMixin, AttentionSlicingMixin, Fused
             x = self.conv_act(self.conv_norm_out(x))
         out = self.conv_out(x)  # (B, out_channels, H, W)
         return UNet2DConditionOutput(sample=out) if return_dict else (out,)
+
+    def process_encoder_hidden_states(self, encoder_hidden_states: torch.Tensor, added_cond_kwargs: dict | None):
+        """The context the attention layers read: the text embeddings, or with IP-Adapters loaded (text, [image
+        tokens (B, n_images, T, D) per adapter]) from `added_cond_kwargs["image_embeds"]`, as diffusers passes it."""
+        if self.encoder_hid_proj is None or self.config.encoder_hid_dim_type != "ip_image_proj":
+            return encoder_hidden_states
+        if not added_cond_kwargs or added_cond_kwargs.get("image_embeds") is None:
+            raise ValueError(
+                "this UNet has IP-Adapters loaded: pass added_cond_kwargs={'image_embeds': [one tensor per adapter]} "
+                "(pipelines: ip_adapter_image or ip_adapter_image_embeds), or unload them (pipe.unload_ip_adapter())"
+            )
+        return encoder_hidden_states, self.encoder_hid_proj(added_cond_kwargs["image_embeds"])
+
+    def _load_ip_adapter_weights(self, state_dicts: dict | list[dict], low_cpu_mem_usage: bool = False) -> None:
+        """Load IP-Adapters ({"image_proj": ..., "ip_adapter": ...} each, the original files' key names): their
+        image projections become `encoder_hid_proj`, and every cross-attention gets an `IPAdapterAttnProcessor2_0`
+        with their image key/value projections. Replaces adapters loaded before. (`low_cpu_mem_usage`: accepted,
+        as diffusers; the weights are small.)"""
+        state_dicts = state_dicts if isinstance(state_dicts, list) else [state_dicts]
+        for i, state in enumerate(state_dicts):
+            if not isinstance(state, dict) or not {"image_proj", "ip_adapter"} <= set(state):
+                found = sorted(state)[:4] if isinstance(state, dict) else type(state).__name__
+                raise ValueError(f"IP-Adapter state dict {i} needs 'image_proj' and 'ip_adapter' entries, got {found}")
+        projections = [image_projection_from_state_dict(s["image_proj"], index=i) for i, s in enumerate(state_dicts)]
+        self.encoder_hid_proj = None  # a Plus resampler's attention layers get no IP processors
+        tokens = [count for _, count in projections]
+        self.set_attn_processor(self._ip_attention_processors([s["ip_adapter"] for s in state_dicts], tokens))
+        self.encoder_hid_proj = MultiIPAdapterImageProjection([m.to(self.device, self.dtype) for m, _ in projections])
+        self.register_to_config(encoder_hid_dim_type="ip_image_proj")
+
+    def _ip_attention_processors(self, ip_weights: list[dict[str, torch.Tensor]], num_tokens: list[int]) -> dict:
+        """A processor for every attention layer: self-attentions keep theirs; each cross-attention gets an
+        `IPAdapterAttnProcessor2_0` with every adapter's image key / value weights, numbered 1, 3, 5, ... in
+        `attn_processors` order in the files (the even numbers are the self-attentions)."""
+        layers = {f"{name}.processor": m for name, m in self.named_modules() if isinstance(m, Attention)}
+        processors, key_id = {}, 1
+        for name, current in self.attn_processors.items():
+            if name.endswith("attn1.processor"):
+                processors[name] = current
+                continue
+            with torch.device("meta"):  # no random init: the weights come next
+                processor = IPAdapterAttnProcessor2_0(layers[name].to_k.out_features, layers[name].to_k.in_features,
+                                                      num_tokens=num_tokens, scale=1.0)  # fmt: skip
+            weights = {}
+            for i, state in enumerate(ip_weights):
+                for kind in ("k", "v"):
+                    if f"{key_id}.to_{kind}_ip.weight" not in state:
+                        raise ValueError(f"IP-Adapter {i} has no '{key_id}.to_{kind}_ip.weight' for {name}: it has "
+                                         f"fewer cross-attention layers than this UNet (made for another model?)")
+                    weights[f"to_{kind}_ip.{i}.weight"] = state[f"{key_id}.to_{kind}_ip.weight"]
+            load_exactly(processor, weights, f"IP-Adapter weights of {name} (made for another model?)")
+            processors[name] = processor.to(self.device, self.dtype)
+            key_id += 2
+        return processors
+
+    def _unload_ip_adapter_weights(self) -> None:
+        """Back to the UNet before `_load_ip_adapter_weights`: no image projection, plain cross-attention."""
+        self.encoder_hid_proj = None
+        self.register_to_config(encoder_hid_dim_type=None)
+        self.set_attn_processor({name: AttnProcessor2_0() if isinstance(p, IPAdapterAttnProcessor2_0) else p
+                                 for name, p in self.attn_processors.items()})  # fmt: skip
 
     def run_up_blocks(
         self, x, skips: list[torch.Tensor], emb, context, *, exact_sizes: bool, attention: AttentionArgs | None = None
