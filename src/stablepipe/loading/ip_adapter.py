@@ -178,8 +178,12 @@ class IPAdapterMixin:
                 state_dicts.append(read_ip_adapter_file(source, subfolder=folder, weight_name=name,
                                                         hub_kwargs=hub_kwargs))  # fmt: skip
             self._add_image_encoder(source, folder, image_encoder_folder, hub_kwargs)
+        if any("_lora." in key for state in state_dicts for key in state["ip_adapter"]):
+            # FaceID's LoRAs go in first: LoRA loading reads the UNet's layers without IP-Adapter modules in it
+            if getattr(self.unet, "encoder_hid_proj", None) is not None:
+                self.unet._unload_ip_adapter_weights()
+            self._load_face_id_loras(state_dicts)
         self.unet._load_ip_adapter_weights(state_dicts)
-        self._load_face_id_loras(state_dicts)
 
     def _add_image_encoder(self, source, subfolder, image_encoder_folder, hub_kwargs) -> None:
         """Load the image encoder if the pipeline has none, and a CLIP image processor for it if it has none."""
