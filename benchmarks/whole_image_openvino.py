@@ -16,8 +16,11 @@ are `stablepipe generate`'s defaults, at --size px and --steps steps, on --threa
   UNet reports). `+dynamic` keeps the dynamic shapes.
 OpenVINO lives in its own venv (--ov-python; putting optimum-intel into the test venv downgrades transformers and
 huggingface_hub). Make it with `python3 -m venv /work/ovenv && /work/ovenv/bin/pip install torch==2.13.0 &&
-/work/ovenv/bin/pip install "optimum-intel[openvino]" diffusers torch==2.13.0` (the second torch pin keeps the
-resolver from replacing torch).
+/work/ovenv/bin/pip install "optimum-intel[openvino]" diffusers torch==2.13.0 && /work/ovenv/bin/pip uninstall -y
+torchvision` (the second torch pin keeps the resolver from replacing torch with 2.14; optimum-intel asks for a
+torchvision, used only by its vision-language models, and PyPI's is a CUDA build whose import fails on the CPU torch
+and takes transformers' image processors, so optimum.intel, down with it). The export reads the folder's CLIP
+weights through a copy that adds the `text_model.` key prefix (see `export_source`).
 
 Every variant runs in its own fresh subprocess, one after another (--rounds > 1 repeats that, alternating the
 order): `load` is from_pretrained (+ reshape and compile for OpenVINO), `first` the first image of the process,
