@@ -23,6 +23,7 @@ from stablepipe.loading.files import fetch_file, is_local
 from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
 from stablepipe.outputs import BaseOutput
+from stablepipe.pipelines.call import DenoisingCallMixin
 from stablepipe.pipelines.memory import MemoryOptionsMixin
 
 
@@ -63,8 +64,9 @@ def processor_kwargs(cross_attention_kwargs: dict[str, Any] | None) -> dict[str,
 HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxies")
 
 
-class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOptionsMixin):
-    """Holds the components (models, tokenizers, scheduler) named by `__init__`'s arguments."""
+class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOptionsMixin, DenoisingCallMixin):
+    """Holds the components (models, tokenizers, scheduler) named by `__init__`'s arguments; the per-call state
+    and the glue to the denoising loop come from `DenoisingCallMixin` (call.py)."""
 
     _optional_components: tuple[str, ...] = ()
     _config_keys: tuple[str, ...] = ()  # non-component `__init__` arguments saved in model_index.json

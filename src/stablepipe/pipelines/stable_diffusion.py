@@ -11,6 +11,7 @@ from stablepipe.image import ImageInput, denormalize, postprocess
 from stablepipe.models.safety import run_safety_checker
 from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, diffusers_call, processor_kwargs
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.random import Generator
 
 SAFETY_OFF_WARNING = (
@@ -53,22 +54,6 @@ class StableDiffusionBase(DiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1 and self.unet.config.get("time_cond_proj_dim") is None
-
-    @property
-    def num_timesteps(self) -> int:
-        return self._num_timesteps
-
-    @property
-    def interrupt(self) -> bool:
-        return getattr(self, "_interrupt", False)
-
     def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         sample = self.unet.config.sample_size * self.vae_scale_factor
         return height or sample, width or sample
@@ -104,7 +89,7 @@ class StableDiffusionBase(DiffusionPipeline):
         dim = self.unet.config.get("time_cond_proj_dim")
         if dim is None:
             return {}
-        w = torch.tensor(self._guidance_scale - 1).repeat(batch)
+        w = torch.tensor(self.guidance_scale - 1).repeat(batch)
         return {"timestep_cond": stages.guidance_scale_embedding(w, dim).to(self.device, self.unet.dtype)}
 
     def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
@@ -157,16 +142,14 @@ class StableDiffusionPipeline(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,
     ) -> StableDiffusionPipelineOutput:
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
         # 1. Check inputs
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
         height, width = self.default_size(height, width)
         stages.check_size(height, width)
         stages.check_steps(num_inference_steps, timesteps, sigmas)
-        stages.check_output_type(output_type)
-        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
         # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
@@ -179,18 +162,15 @@ class StableDiffusionPipeline(StableDiffusionBase):
             self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
         )
         # 4. Initial noise
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = stages.prepare_latents(
-            shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
-            init_noise_sigma=self.scheduler.init_noise_sigma,
+        latents = self.initial_noise(
+            batch, height, width, dtype=prompt_embeds.dtype, generator=generator, latents=latents,
+            channels=self.unet.config.in_channels,
         )
         # 5. Denoise
-        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+        cond = Conditioning(prompt_embeds, negative_prompt_embeds, self.unet_kwargs(batch, cross_attention_kwargs))
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         # 6. Decode, check, convert
