@@ -200,15 +200,16 @@ def toy_model(sample: torch.Tensor, timestep) -> torch.Tensor:
     return 0.9 * sample + 0.15 * math.cos(3.0 * t) * torch.tanh(sample.roll(1, dims=-1)) + 0.02 * t
 
 
-def sample_loop(scheduler, step_kwargs: dict, seed: int = 1234) -> torch.Tensor:
-    """A full denoising loop as a pipeline runs it: noise × init_noise_sigma, scale, model, step."""
-    latents = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma
+def sample_loop(scheduler, step_kwargs: dict, seed: int = 1234, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A full denoising loop as a pipeline runs it: noise × init_noise_sigma, scale, model, step; the latents and
+    the model's output in `dtype`."""
+    latents = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * scheduler.init_noise_sigma).to(dtype)
     kwargs = dict(step_kwargs)
     if "generator" in inspect.signature(scheduler.step).parameters and "s_noise" not in kwargs:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     for t in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, t)
-        latents = scheduler.step(toy_model(model_input, t), t, latents, **kwargs).prev_sample
+        latents = scheduler.step(toy_model(model_input, t).to(dtype), t, latents, **kwargs).prev_sample
     return latents
 
 
@@ -235,6 +236,20 @@ def test_sampling_loop_matches_diffusers(cls_name, config, steps, set_kwargs, st
     ours_out, ref_out = sample_loop(mine, step_kwargs), sample_loop(ref, step_kwargs)
     assert ours_out.abs().max() > 1e-3  # the loop did something
     assert max_diff(ours_out, ref_out) < 1e-5 * max(1.0, ref_out.abs().max().item())  # float32 at |x| > 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize(("cls_name", "config", "steps", "set_kwargs", "step_kwargs"), CASES)
+def test_sampling_loop_is_bitwise_diffusers(cls_name, config, steps, set_kwargs, step_kwargs, dtype):
+    """Every step rounds in diffusers' order of operations, so the same loop gives the same bits, in float16 too
+    (where PyTorch's CPU kernels round c · t and t · c differently: schedulers/denoiser.py)."""
+    if cls_name == "LMSDiscreteScheduler":
+        pytest.skip("LMS weights are integrated exactly here and by scipy's quadrature in diffusers (1e-7 apart)")
+    mine, ref = build(cls_name, config)
+    set_both(mine, ref, steps, set_kwargs)
+    ours_out, ref_out = sample_loop(mine, step_kwargs, dtype=dtype), sample_loop(ref, step_kwargs, dtype=dtype)
+    assert ours_out.dtype == ref_out.dtype and ours_out.abs().max() > 1e-3
+    assert torch.equal(ours_out, ref_out)
 
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 4, 5, 13, 25, 50])

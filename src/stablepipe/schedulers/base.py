@@ -24,7 +24,14 @@ import torch
 from stablepipe.configuration import ConfigMixin
 from stablepipe.outputs import BaseOutput
 from stablepipe.random import randn_tensor
-from stablepipe.schedulers.prediction import threshold_sample
+from stablepipe.schedulers.denoiser import (
+    Scalings,
+    threshold_sample,
+    ve_model_input,
+    ve_scalings,
+    vp_noise_scalings,
+    vp_scalings,
+)
 from stablepipe.schedulers.schedules import (
     interpolate_sigmas,
     make_betas,
@@ -233,6 +240,13 @@ class AlphaScheduler(SchedulerMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 
+    def _vp_denoiser(self, alpha_prod: torch.Tensor, *, noise: bool = False) -> Scalings:
+        """The VP denoiser at ᾱ_t (α = √ᾱ_t, s = √(1 − ᾱ_t)) for the config's prediction type: the scalings
+        that give x₀ from the model output, or with `noise` those that give ε."""
+        alpha, sigma = alpha_prod ** (0.5), (1 - alpha_prod) ** (0.5)
+        scalings = vp_noise_scalings if noise else vp_scalings
+        return scalings(alpha, sigma, self.config.prediction_type, scheduler=type(self).__name__)
+
     def _alpha_prod(self, timestep, final: torch.Tensor) -> torch.Tensor:
         """ᾱ at `timestep`, or `final` before the first training step (timestep < 0)."""
         return self.alphas_cumprod[timestep] if timestep >= 0 else final
@@ -288,7 +302,12 @@ class SigmaScheduler(SchedulerMixin):
     def scale_model_input(self, sample: torch.Tensor, timestep) -> torch.Tensor:
         """x / √(σ² + 1): the network's input in the VP scale it was trained on (Karras et al. 2022, c_in)."""
         self._ensure_step_index(timestep)
-        return sample / ((self._input_sigma() ** 2 + 1) ** 0.5)
+        return ve_model_input(sample, self._input_sigma())
+
+    def _denoised(self, model_output: torch.Tensor, sample: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """x₀ = D(x, σ) from the model output, by the config's prediction type (the VE denoiser)."""
+        scalings = ve_scalings(sigma, self.config.prediction_type, scheduler=type(self).__name__)
+        return scalings.combine(sample, model_output)
 
     def _spaced_float_timesteps(self, num_inference_steps: int, num_train_timesteps: int | None = None,
                                 dtype=np.float32) -> np.ndarray:

@@ -7,7 +7,7 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import AlphaScheduler
-from stablepipe.schedulers.prediction import x0_and_eps_from_alpha
+from stablepipe.schedulers.denoiser import vp_noise_scalings
 
 
 class DDIMScheduler(AlphaScheduler):
@@ -67,11 +67,11 @@ class DDIMScheduler(AlphaScheduler):
         prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_prev = self._alpha_prod(prev_timestep, self.final_alpha_cumprod)
-        x0, eps = x0_and_eps_from_alpha(model_output, sample, alpha_prod_t, self.config.prediction_type, "DDIM")
-        x0 = self._clip_x0(x0)
+        x0 = self._clip_x0(self._vp_denoiser(alpha_prod_t).combine(sample, model_output))
+        eps = self._vp_denoiser(alpha_prod_t, noise=True).combine(sample, model_output)
         std_dev = eta * self._variance(timestep, prev_timestep) ** (0.5)
         if use_clipped_model_output:  # ε re-derived from the clipped x₀ (Glide)
-            eps = (sample - alpha_prod_t ** (0.5) * x0) / (1 - alpha_prod_t) ** (0.5)
+            eps = vp_noise_scalings(alpha_prod_t ** (0.5), (1 - alpha_prod_t) ** (0.5), "sample").combine(sample, x0)
         prev_sample = alpha_prod_prev ** (0.5) * x0 + (1 - alpha_prod_prev - std_dev**2) ** (0.5) * eps
         if eta > 0:
             if variance_noise is not None and generator is not None:

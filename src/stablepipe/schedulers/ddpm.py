@@ -7,7 +7,6 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import AlphaScheduler
-from stablepipe.schedulers.prediction import x0_and_eps_from_alpha
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -92,8 +91,7 @@ class DDPMScheduler(AlphaScheduler):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         alpha_prod_t, alpha_prod_prev = self.alphas_cumprod[t], self._alpha_prod(prev_t, self.one)
         current_alpha = alpha_prod_t / alpha_prod_prev
-        x0, _ = x0_and_eps_from_alpha(model_output, sample, alpha_prod_t, self.config.prediction_type, "DDPMScheduler")
-        x0 = self._clip_x0(x0)
+        x0 = self._clip_x0(self._vp_denoiser(alpha_prod_t).combine(sample, model_output))
         x0_coeff = (alpha_prod_prev ** (0.5) * (1 - current_alpha)) / (1 - alpha_prod_t)
         sample_coeff = current_alpha ** (0.5) * (1 - alpha_prod_prev) / (1 - alpha_prod_t)
         prev_sample = x0_coeff * x0 + sample_coeff * sample

@@ -8,7 +8,6 @@ import torch
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.dpm_solver import apply_integrator, exp_integrator
 from stablepipe.schedulers.multistep import SolverScheduler
-from stablepipe.schedulers.prediction import x0_from_alpha_sigma
 
 
 def _log(x: torch.Tensor) -> torch.Tensor:
@@ -76,10 +75,8 @@ class DEISMultistepScheduler(SolverScheduler):
 
     def convert_model_output(self, model_output: torch.Tensor, *, sample: torch.Tensor) -> torch.Tensor:
         """ε, recomputed from the (thresholded) x₀ estimate."""
-        alpha_t, sigma_t = self._alpha_sigma_at(self.step_index)
-        x0 = x0_from_alpha_sigma(model_output, sample, alpha_t, sigma_t, self.config.prediction_type,
-                                 "DEISMultistepScheduler")
-        return (sample - alpha_t * self._clip_x0(x0)) / sigma_t
+        x0 = self._clip_x0(self._step_denoiser().combine(sample, model_output))
+        return self._step_denoiser("sample", noise=True).combine(sample, x0)
 
     def deis_first_order_update(self, model_output, *, sample) -> torch.Tensor:
         """DDIM in λ, the order-1 exponential integrator on ε."""

@@ -12,7 +12,7 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import TwoStageSigmaScheduler, repeat_inner
-from stablepipe.schedulers.prediction import x0_from_sigma
+from stablepipe.schedulers.sampling import to_d
 from stablepipe.schedulers.schedules import sigma_to_t, train_sigmas
 
 Seeds = int | list[int]
@@ -150,9 +150,9 @@ class DPMSolverSDEScheduler(TwoStageSigmaScheduler):
         t, t_next = sigma.log().neg(), sigma_next.log().neg()
         t_mid = t + (t_next - t) * 0.5
         sigma_input = sigma if first else t_mid.neg().exp()
-        x0 = x0_from_sigma(model_output, sample, sigma_input, self.config.prediction_type, "DPMSolverSDEScheduler")
+        x0 = self._denoised(model_output, sample, sigma_input)
         if sigma_next == 0:
-            prev_sample = sample + (sample - x0) / sigma * (sigma_next - sigma)
+            prev_sample = sample + to_d(sample, sigma, x0) * (sigma_next - sigma)
         elif first:
             prev_sample = self._sde_stage(x0, sample, t, t_mid, s_noise)
             self.sample, self.mid_point_sigma = sample, t_mid.neg().exp()

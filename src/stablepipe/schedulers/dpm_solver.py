@@ -9,7 +9,6 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.multistep import SolverScheduler
-from stablepipe.schedulers.prediction import eps_from_alpha_sigma, x0_from_alpha_sigma
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 DATA_PREDICTION = ("dpmsolver++", "sde-dpmsolver++")
@@ -81,15 +80,13 @@ class _DPMSolverBase(SolverScheduler):
     def convert_model_output(self, model_output: torch.Tensor, *, sample: torch.Tensor) -> torch.Tensor:
         """x₀ (DPM-Solver++, thresholded if asked) or ε (DPM-Solver) at the current step."""
         c = self.config
-        alpha_t, sigma_t = self._alpha_sigma_at(self.step_index)
         output = self._x0_model_output(model_output) if c.prediction_type == "epsilon" else model_output
-        name = type(self).__name__
         if c.algorithm_type in DATA_PREDICTION:
-            return self._clip_x0(x0_from_alpha_sigma(output, sample, alpha_t, sigma_t, c.prediction_type, name))
-        eps = eps_from_alpha_sigma(output, sample, alpha_t, sigma_t, c.prediction_type, name)
+            return self._clip_x0(self._step_denoiser().combine(sample, output))
+        eps = self._step_denoiser(noise=True).combine(sample, output)
         if c.thresholding:  # threshold x₀, then recover ε from it
-            x0 = self._clip_x0((sample - sigma_t * eps) / alpha_t)
-            eps = (sample - alpha_t * x0) / sigma_t
+            x0 = self._clip_x0(self._step_denoiser("epsilon").combine(sample, eps))
+            eps = self._step_denoiser("sample", noise=True).combine(sample, x0)
         return eps
 
     def _integrator(self, target: int, source: int) -> tuple[ExpIntegrator, torch.Tensor]:

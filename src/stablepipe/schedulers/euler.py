@@ -7,7 +7,8 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import SigmaScheduler, broadcast_to
-from stablepipe.schedulers.prediction import x0_from_sigma
+from stablepipe.schedulers.denoiser import karras_noise_level
+from stablepipe.schedulers.sampling import to_d
 from stablepipe.schedulers.schedules import ancestral_step, sigma_to_t, train_sigmas
 
 
@@ -49,7 +50,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
     ):
         self._init_sigma_schedule()
         if self._continuous_timesteps():
-            self.timesteps = 0.25 * self.sigmas[:-1].log()
+            self.timesteps = karras_noise_level(self.sigmas[:-1])
 
     def _continuous_timesteps(self) -> bool:
         """Timesteps are c_noise = ¼ log σ (Karras et al. 2022, Table 1) for continuous v-prediction models."""
@@ -93,7 +94,7 @@ class EulerDiscreteScheduler(SigmaScheduler):
             sigmas, timesteps = self._schedule_sigmas(timesteps, num_inference_steps)
         sigmas = torch.from_numpy(sigmas).to(dtype=torch.float32, device=device)
         if self._continuous_timesteps():
-            self.timesteps = torch.Tensor([0.25 * sigma.log() for sigma in sigmas[:-1]]).to(device=device)
+            self.timesteps = torch.Tensor([karras_noise_level(sigma) for sigma in sigmas[:-1]]).to(device=device)
         else:
             self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device=device)
         self.sigmas = sigmas.to("cpu")
@@ -114,8 +115,8 @@ class EulerDiscreteScheduler(SigmaScheduler):
             sample = sample + noise * s_noise * (sigma_hat**2 - sigma**2) ** 0.5
         # diffusers converts ε at σ̂ but v at σ; identical without churn
         sigma_for_x0 = sigma_hat if self.config.prediction_type == "epsilon" else sigma
-        x0 = x0_from_sigma(model_output, sample, sigma_for_x0, self.config.prediction_type, "EulerDiscreteScheduler")
-        derivative = (sample - x0) / sigma_hat
+        x0 = self._denoised(model_output, sample, sigma_for_x0)
+        derivative = to_d(sample, sigma_hat, x0)
         prev_sample = (sample + derivative * (self.sigmas[index + 1] - sigma_hat)).to(model_output.dtype)
         self._step_index += 1
         return self._output(return_dict, prev_sample, pred_original_sample=x0)
@@ -166,9 +167,9 @@ class EulerAncestralDiscreteScheduler(SigmaScheduler):
         index = self._ensure_step_index(timestep)
         sigma = self.sigmas[index]
         sample = sample.to(torch.float32)
-        x0 = x0_from_sigma(model_output, sample, sigma, self.config.prediction_type, "EulerAncestralDiscreteScheduler")
+        x0 = self._denoised(model_output, sample, sigma)
         sigma_down, sigma_up = ancestral_step(sigma, self.sigmas[index + 1])
-        prev_sample = sample + (sample - x0) / sigma * (sigma_down - sigma)
+        prev_sample = sample + to_d(sample, sigma, x0) * (sigma_down - sigma)
         noise = self._noise_like(model_output, generator)
         prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
         self._step_index += 1

@@ -7,7 +7,7 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import TwoStageSigmaScheduler, repeat_inner
-from stablepipe.schedulers.prediction import x0_from_sigma
+from stablepipe.schedulers.sampling import to_d
 
 
 class HeunDiscreteScheduler(TwoStageSigmaScheduler):
@@ -63,9 +63,8 @@ class HeunDiscreteScheduler(TwoStageSigmaScheduler):
         first = self.state_in_first_order
         sigma, sigma_next = self._stage_sigmas(index)
         sigma_input = sigma if first else sigma_next
-        x0 = x0_from_sigma(model_output, sample, sigma_input, self.config.prediction_type, "HeunDiscreteScheduler")
-        x0 = self._clip_x0(x0)
-        derivative = (sample - x0) / sigma_input
+        x0 = self._clip_x0(self._denoised(model_output, sample, sigma_input))
+        derivative = to_d(sample, sigma_input, x0)
         if first:
             self.prev_derivative, self.dt, self.sample = derivative, sigma_next - sigma, sample
             prev_sample = sample + derivative * self.dt

@@ -7,7 +7,7 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import TwoStageSigmaScheduler, repeat_inner
-from stablepipe.schedulers.prediction import x0_from_sigma
+from stablepipe.schedulers.sampling import to_d
 from stablepipe.schedulers.schedules import ancestral_step, sigma_to_t, train_sigmas
 
 
@@ -73,8 +73,8 @@ class _KDPM2Base(TwoStageSigmaScheduler):
         sigma = self._stage_sigmas(index)[0]
         sigma_interpol, target = self._midpoint_and_target(index)
         sigma_input = sigma if first else sigma_interpol
-        x0 = x0_from_sigma(model_output, sample, sigma_input, self.config.prediction_type, type(self).__name__)
-        derivative = (sample - x0) / sigma_input
+        x0 = self._denoised(model_output, sample, sigma_input)
+        derivative = to_d(sample, sigma_input, x0)
         if first:
             self.sample = sample
             return x0, sample + derivative * (sigma_interpol - sigma)

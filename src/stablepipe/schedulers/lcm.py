@@ -7,15 +7,7 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import AlphaScheduler
-from stablepipe.schedulers.prediction import x0_and_eps_from_alpha
-
-
-def consistency_scalings(timestep, timestep_scaling: float, sigma_data: float = 0.5):
-    """(c_skip, c_out) of the consistency-model boundary condition (Song et al. 2023, Eq. 6 / LCM Sec. 4.2)."""
-    scaled = timestep * timestep_scaling
-    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
-    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
-    return c_skip, c_out
+from stablepipe.schedulers.denoiser import consistency_scalings
 
 
 class LCMScheduler(AlphaScheduler):
@@ -109,7 +101,7 @@ class LCMScheduler(AlphaScheduler):
 
     def get_scalings_for_boundary_condition_discrete(self, timestep):
         """(c_skip, c_out) at `timestep`."""
-        return consistency_scalings(timestep, self.config.timestep_scaling, self.sigma_data)
+        return consistency_scalings(timestep, self.config.timestep_scaling, self.sigma_data)[:2]
 
     def step(self, model_output, timestep, sample, generator=None, return_dict: bool = True):
         """x₀ = c_skip x_t + c_out f(x_t); x_prev = √ᾱ_prev x₀ + √(1−ᾱ_prev) z (Luo et al. 2023, Alg. 3)."""
@@ -118,9 +110,8 @@ class LCMScheduler(AlphaScheduler):
         prev_timestep = self.timesteps[index + 1] if index + 1 < len(self.timesteps) else timestep
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_prev = self._alpha_prod(prev_timestep, self.final_alpha_cumprod)
-        c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(timestep)
-        x0, _ = x0_and_eps_from_alpha(model_output, sample, alpha_prod_t, self.config.prediction_type, "LCMScheduler")
-        denoised = c_out * self._clip_x0(x0) + c_skip * sample
+        x0 = self._clip_x0(self._vp_denoiser(alpha_prod_t).combine(sample, model_output))
+        denoised = consistency_scalings(timestep, self.config.timestep_scaling, self.sigma_data).combine(sample, x0)
         prev_sample = denoised
         if index != self.num_inference_steps - 1:
             noise = self._noise_like(model_output, generator, dtype=denoised.dtype)

@@ -7,18 +7,7 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.base import SigmaScheduler
-from stablepipe.schedulers.prediction import x0_from_sigma
-
-
-def lms_coefficient(nodes: list[float], j: int, start: float, end: float) -> float:
-    """∫ ℓ_j(σ) dσ from `start` to `end`, ℓ_j the Lagrange basis polynomial of node j (Adams–Bashforth
-    weights on a non-uniform grid; k-diffusion `linear_multistep_coeff`). Integrated exactly."""
-    basis = np.poly1d([1.0])
-    for k, node in enumerate(nodes):
-        if k != j:
-            basis = basis * np.poly1d([1.0, -node]) / (nodes[j] - node)
-    antiderivative = basis.integ()
-    return float(antiderivative(end) - antiderivative(start))
+from stablepipe.schedulers.sampling import lms_coefficient, to_d
 
 
 class LMSDiscreteScheduler(SigmaScheduler):
@@ -64,8 +53,8 @@ class LMSDiscreteScheduler(SigmaScheduler):
         """x_next = x + Σ_j c_j d_{t−j} over the last `order` slopes d = (x − x₀)/σ."""
         index = self._ensure_step_index(timestep)
         sigma = self.sigmas[index]
-        x0 = x0_from_sigma(model_output, sample, sigma, self.config.prediction_type, "LMSDiscreteScheduler")
-        self.derivatives = [*self.derivatives, (sample - x0) / sigma][-order:]
+        x0 = self._denoised(model_output, sample, sigma)
+        self.derivatives = [*self.derivatives, to_d(sample, sigma, x0)][-order:]
         order = min(index + 1, order)
         coefficients = [self.get_lms_coefficient(order, index, j) for j in range(order)]
         prev_sample = sample + sum(c * d for c, d in zip(coefficients, reversed(self.derivatives)))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from stablepipe.schedulers.base import SchedulerMixin, broadcast_to
+from stablepipe.schedulers.denoiser import Scalings, vp_alpha_sigma, vp_noise_scalings, vp_scalings
 from stablepipe.schedulers.schedules import (
     interpolate_sigmas,
     lu_lambdas,
@@ -52,11 +53,7 @@ class SolverScheduler(SchedulerMixin):
         self._step_index += 1
 
     # ------------------------------------------------------------------ parameterisation
-    @staticmethod
-    def alpha_sigma(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(α_t, σ_t) = (1/√(σ² + 1), σ/√(σ² + 1)) for a k-diffusion σ."""
-        alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-        return alpha_t, sigma * alpha_t
+    alpha_sigma = staticmethod(vp_alpha_sigma)  # (α_t, σ_t) of a k-diffusion σ
 
     def _log_snr(self, index: int) -> torch.Tensor:
         """λ = log α_t − log σ_t at position `index` of the schedule."""
@@ -65,6 +62,13 @@ class SolverScheduler(SchedulerMixin):
 
     def _alpha_sigma_at(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.alpha_sigma(self.sigmas[index])
+
+    def _step_denoiser(self, prediction_type: str | None = None, *, noise: bool = False) -> Scalings:
+        """The VP denoiser at the current step: the scalings that give x₀ (with `noise`: ε) from an output of
+        `prediction_type` (default: the config's)."""
+        alpha_t, sigma_t = self._alpha_sigma_at(self.step_index)
+        scalings = vp_noise_scalings if noise else vp_scalings
+        return scalings(alpha_t, sigma_t, prediction_type or self.config.prediction_type, scheduler=type(self).__name__)
 
     # ------------------------------------------------------------------ schedule
     def _clipped_last_timestep(self) -> int:

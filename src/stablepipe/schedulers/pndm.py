@@ -128,8 +128,7 @@ class PNDMScheduler(AlphaScheduler):
         alpha_prod_t = self.alphas_cumprod[timestep]
         alpha_prod_prev = self._alpha_prod(prev_timestep, self.final_alpha_cumprod)
         beta_prod_t, beta_prod_prev = 1 - alpha_prod_t, 1 - alpha_prod_prev
-        if self.config.prediction_type == "v_prediction":
-            model_output = (alpha_prod_t**0.5) * model_output + (beta_prod_t**0.5) * sample
+        model_output = self._vp_denoiser(alpha_prod_t, noise=True).combine(sample, model_output)  # ε
         sample_coeff = (alpha_prod_prev / alpha_prod_t) ** (0.5)
         denominator = alpha_prod_t * beta_prod_prev ** (0.5) + (alpha_prod_t * beta_prod_t * alpha_prod_prev) ** (0.5)
         return sample_coeff * sample - (alpha_prod_prev - alpha_prod_t) * model_output / denominator

@@ -7,7 +7,6 @@ import torch
 
 from stablepipe.configuration import register_to_config
 from stablepipe.schedulers.multistep import SolverScheduler
-from stablepipe.schedulers.prediction import eps_from_alpha_sigma, x0_from_alpha_sigma
 
 
 def unipc_system(h: torch.Tensor, rks: torch.Tensor, order: int, *, predict_x0: bool, solver_type: str):
@@ -93,9 +92,7 @@ class UniPCMultistepScheduler(SolverScheduler):
 
     def convert_model_output(self, model_output: torch.Tensor, *, sample: torch.Tensor) -> torch.Tensor:
         """x₀ (thresholded if asked) when `predict_x0`, else ε."""
-        alpha_t, sigma_t = self._alpha_sigma_at(self.step_index)
-        convert = x0_from_alpha_sigma if self.predict_x0 else eps_from_alpha_sigma
-        converted = convert(model_output, sample, alpha_t, sigma_t, self.config.prediction_type, "UniPC")
+        converted = self._step_denoiser(noise=not self.predict_x0).combine(sample, model_output)
         return self._clip_x0(converted) if self.predict_x0 else converted
 
     def _uni_update(self, x: torch.Tensor, base: int, order: int):
