@@ -24,6 +24,7 @@ from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
 from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines.call import DenoisingCallMixin
+from stablepipe.pipelines.ip_adapter import image_projection_layers
 from stablepipe.pipelines.memory import MemoryOptionsMixin
 
 
@@ -38,17 +39,13 @@ class StableDiffusionPipelineOutput(BaseOutput):
 
 def diffusers_call(call):
     """Decorate a pipeline's `__call__` with what diffusers' pipelines do around theirs: `cross_attention_kwargs=
-    {"scale": s}` scales the LoRA adapters for the call; IP-Adapter inputs, which stablepipe does not run yet,
-    are refused with what to do (the `image_encoder` component itself is accepted and kept)."""
+    {"scale": s}` scales the LoRA adapters for the call; IP-Adapter inputs without a loaded IP-Adapter are
+    refused before any work, with how to load one."""
 
     @functools.wraps(call)
     def wrapper(self, *args, **kwargs):
-        for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
-            if kwargs.get(name) is not None:
-                raise NotImplementedError(
-                    f"{name}: stablepipe does not run IP-Adapters yet (the image_encoder component is accepted but "
-                    "unused); leave it None, or use diffusers for IP-Adapter generation"
-                )
+        if kwargs.get("ip_adapter_image") is not None or kwargs.get("ip_adapter_image_embeds") is not None:
+            image_projection_layers(self)  # raises unless an IP-Adapter is loaded
         with self.lora_scale((kwargs.get("cross_attention_kwargs") or {}).get("scale")):
             return call(self, *args, **kwargs)
 

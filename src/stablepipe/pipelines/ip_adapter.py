@@ -18,7 +18,7 @@ from stablepipe.models.embeddings import ImageProjection, MultiIPAdapterImagePro
 
 def image_projection_layers(pipe) -> list[torch.nn.Module]:
     """The image projection of each loaded adapter, or an error saying how to load one."""
-    projection = getattr(pipe.unet, "encoder_hid_proj", None)
+    projection = getattr(getattr(pipe, "unet", None), "encoder_hid_proj", None)
     if not isinstance(projection, MultiIPAdapterImageProjection):
         raise ValueError(
             "ip_adapter_image / ip_adapter_image_embeds need an IP-Adapter: call pipe.load_ip_adapter(...) first"

@@ -12,6 +12,7 @@ from stablepipe.models.safety import run_safety_checker
 from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, diffusers_call, processor_kwargs
 from stablepipe.pipelines.denoising import Conditioning
+from stablepipe.pipelines.ip_adapter import IPAdapterPipelineMixin, ip_adapter_unet_kwargs
 from stablepipe.random import Generator
 
 SAFETY_OFF_WARNING = (
@@ -20,8 +21,8 @@ SAFETY_OFF_WARNING = (
 )
 
 
-class StableDiffusionBase(DiffusionPipeline):
-    """The components and stages shared by the SD 1.x / 2.x pipelines."""
+class StableDiffusionBase(IPAdapterPipelineMixin, DiffusionPipeline):
+    """The components and stages shared by the SD 1.x / 2.x pipelines (IP-Adapters included)."""
 
     _optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     _config_keys = ("requires_safety_checker",)
@@ -39,7 +40,7 @@ class StableDiffusionBase(DiffusionPipeline):
         image_encoder=None,
         requires_safety_checker: bool = True,
     ):
-        """diffusers' components; `image_encoder` (a CLIP vision model for IP-Adapters) is kept, not run yet."""
+        """diffusers' components; `image_encoder` is the CLIP vision model IP-Adapters read (`load_ip_adapter`)."""
         if safety_checker is None and requires_safety_checker:
             self.warn_once(SAFETY_OFF_WARNING)
         if safety_checker is not None and feature_extractor is None:
@@ -80,9 +81,15 @@ class StableDiffusionBase(DiffusionPipeline):
     def disable_freeu(self) -> None:
         self.unet.disable_freeu()
 
-    def unet_kwargs(self, batch: int, cross_attention_kwargs: dict[str, Any] | None) -> dict[str, Any]:
-        """The UNet kwargs of every step: the guidance embedding (LCM) and the attention processors' kwargs."""
-        return {**self.guidance_embedding(batch), **processor_kwargs(cross_attention_kwargs)}
+    def unet_kwargs(
+        self, batch: int, cross_attention_kwargs: dict[str, Any] | None, ip_adapter_image=None,
+        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """The UNet kwargs of every step: the guidance embedding (LCM), the attention processors' kwargs and the
+        IP-Adapters' image embeds (`batch`: prompts x images per prompt)."""
+        ip_adapter = ip_adapter_unet_kwargs(self, ip_adapter_image, ip_adapter_image_embeds, batch_size=batch,
+                                            guided=self.do_classifier_free_guidance, device=self.device)  # fmt: skip
+        return {**self.guidance_embedding(batch), **processor_kwargs(cross_attention_kwargs), **ip_adapter}
 
     def guidance_embedding(self, batch: int) -> dict[str, Any]:
         """UNet kwargs for guidance-distilled models (LCM): the guidance scale as `timestep_cond`."""
@@ -167,7 +174,8 @@ class StableDiffusionPipeline(StableDiffusionBase):
             channels=self.unet.config.in_channels,
         )
         # 5. Denoise
-        cond = Conditioning(prompt_embeds, negative_prompt_embeds, self.unet_kwargs(batch, cross_attention_kwargs))
+        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds)
+        cond = Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
         latents = self.run_denoise(
             latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
             callback_on_step_end=callback_on_step_end,
