@@ -13,7 +13,7 @@ import torch
 from conftest import max_diff
 
 import stablepipe
-from stablepipe.pipelines import sdxl_stages
+from stablepipe.pipelines import vae_codec
 from stablepipe.pipelines.arguments import NonFiniteResultError
 
 pytest_plugins = ["fixtures_sdxl"]  # sdxl_folder, sdxl_refiner_folder, sdxl_inpaint_folder
@@ -206,6 +206,28 @@ def test_inpaint_padding_mask_crop_and_ensemble(sdxl_folder, sdxl_refiner_folder
     assert max_diff(a, b) < TOLERANCE
 
 
+# ---- IP-Adapters ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"])
+def test_ip_adapter_image_embeds_match_diffusers(sdxl_folder, picture, name):
+    """SDXL adds the IP-Adapter's image embeds to its own added_cond_kwargs (text_embeds, time_ids)."""
+    from test_ip_adapter import IMAGE_EMBED_DIM, plain_adapter
+
+    ours, theirs = load_both(name, sdxl_folder)
+    adapter = plain_adapter(theirs.unet, seed=3)
+    for pipe in (ours, theirs):
+        pipe.load_ip_adapter(adapter, subfolder=None, weight_name=None, image_encoder_folder=None)
+    embeds = [torch.randn(2, 1, IMAGE_EMBED_DIM, generator=torch.Generator().manual_seed(4))]  # (negative, positive)
+    call = dict(prompt=["a cat", "a dog"], ip_adapter_image_embeds=embeds)
+    if name.endswith("Img2ImgPipeline"):
+        call.update(image=picture, strength=0.7)
+    diff, images = run_both(ours, theirs, **call)
+    assert diff < TOLERANCE, f"max abs diff {diff}"
+    _, without = run_both(ours, theirs, **{**call, "ip_adapter_image_embeds": [embeds[0] * 0]})
+    assert max_diff(images, without) > 1e-3  # the image embeds reach the UNet
+
+
 # ---- components, saving ------------------------------------------------------------------------------------------
 
 
@@ -245,14 +267,14 @@ def overflowing_vae(sdxl_folder):
 @torch.no_grad()
 def test_force_upcast_decodes_float16_in_float32(overflowing_vae):
     latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    reference = sdxl_stages.decode_latents(overflowing_vae, latents)  # float32 throughout
+    reference = vae_codec.decode_latents(overflowing_vae, latents, upcast=True)  # float32 throughout
     assert torch.isfinite(reference).all()
     overflowing_vae.to(torch.float16)
     seen = []
     overflowing_vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no NaN warning
-        images = sdxl_stages.decode_latents(overflowing_vae, latents.half())
+        images = vae_codec.decode_latents(overflowing_vae, latents.half(), upcast=True)
     assert seen == [torch.float32] and overflowing_vae.dtype == torch.float16  # upcast, then cast back
     assert torch.isfinite(images).all() and max_diff(images, reference) < 0.05  # only the fp16 latents' rounding
 
@@ -263,7 +285,7 @@ def test_float16_overflow_without_upcast_is_reported(overflowing_vae):
     overflowing_vae.register_to_config(force_upcast=False)
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float16)
     with pytest.raises(NonFiniteResultError, match=r"NaN or infinite values for image\(s\) \[0, 1\].*upcast=False"):
-        sdxl_stages.decode_latents(overflowing_vae, latents)
+        vae_codec.decode_latents(overflowing_vae, latents, upcast=True)
 
 
 def test_float16_pipeline_gives_finite_images(sdxl_folder):
