@@ -14,7 +14,7 @@ from conftest import max_diff
 from fixtures_image import TOLERANCE, load_both, run_both, sample_image, sample_mask, seeded
 
 import stablepipe
-from stablepipe.pipelines import image_stages
+from stablepipe.pipelines import image_stages, vae_codec
 
 inpaint_folder, inpaint_sd2_folder, depth_folder = (  # session fixtures used here
     fixtures_image.inpaint_folder, fixtures_image.inpaint_sd2_folder, fixtures_image.depth_folder
@@ -100,7 +100,7 @@ def test_sd2_inpainting_v_prediction_and_masked_image_latents(inpaint_sd2_folder
     assert ours.scheduler.config.prediction_type == "v_prediction"
     masked = image_stages.preprocess_image(IMAGE) * (image_stages.preprocess_mask(MASK) < 0.5)
     with torch.no_grad():
-        latents = image_stages.encode_images(ours.vae, masked, generator=seeded(9))  # (1, 4, 16, 16)
+        latents = vae_codec.encode_images(ours.vae, masked, generator=seeded(9))  # (1, 4, 16, 16)
     diff, _ = run_both(ours, theirs, prompt="a castle", image=IMAGE, mask_image=MASK, masked_image_latents=latents)
     assert diff < TOLERANCE
     plain, _ = run_both(ours, theirs, prompt="a castle", image=IMAGE, mask_image=MASK)
@@ -137,7 +137,7 @@ def test_all_black_mask_keeps_the_image(pipes):
     pipe, black = pipes["four"], sample_mask(box=(0, 0, 0, 0))
     result = run(pipe, mask_image=black, output_type="pt")
     with torch.no_grad():
-        expected = image_stages.encode_images(pipe.vae, image_stages.preprocess_image(IMAGE), generator=seeded(0))
+        expected = vae_codec.encode_images(pipe.vae, image_stages.preprocess_image(IMAGE), generator=seeded(0))
         decoded = (pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert max_diff(result, decoded) < 1e-5
     cropped = pipe(prompt="x", image=IMAGE, mask_image=black, padding_mask_crop=4, num_inference_steps=2).images[0]

@@ -8,7 +8,7 @@ import torch
 from conftest import max_diff
 
 import stablepipe
-from stablepipe.pipelines import stages
+from stablepipe.pipelines import text
 from stablepipe.pipelines.prompt_weighting import BREAK, chunk_tokens, parse_prompt_attention
 
 PARSES = {
@@ -47,6 +47,13 @@ def sd1(sd1_folder):
     final_norm = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
     torch.nn.init.constant_(final_norm.bias, 0.3)
     return pipe
+
+
+def sd_encode(tokenizer, text_encoder, prompt, *, prompt_weighting: bool = False, **kwargs):
+    """SD 1/2's prompt encoding with one tokenizer and text encoder: (embeds, negative embeds)."""
+    encoder = text.TextEncoder(text.SD_TEXT_ENCODER, tokenizer, text_encoder)
+    embeds = text.encode_prompt_batch([encoder], prompt, weighted=prompt_weighting, **kwargs)
+    return embeds.prompt_embeds, embeds.negative_prompt_embeds
 
 
 def ids(tokenizer, text: str) -> list[int]:
@@ -107,7 +114,7 @@ def test_weighted_long_prompt_matches_hand_computation(sd1):
                + [1.0] * (1 + 75 - len(rest)))]
     assert red and chunk_tokens(tok, prompt) == chunks
     with torch.no_grad():
-        got, negative = stages.encode_prompt(
+        got, negative = sd_encode(
             tok, sd1.text_encoder, prompt, device=torch.device("cpu"), prompt_weighting=True,
             negative_prompt="(blurry:1.2)",
         )
@@ -120,11 +127,11 @@ def test_weighted_long_prompt_matches_hand_computation(sd1):
 def test_plain_short_prompt_is_unchanged_by_the_option(sd1):
     with torch.no_grad():
         kwargs = dict(device=torch.device("cpu"), negative_prompt=["blue", ""], num_images_per_prompt=2)
-        plain = stages.encode_prompt(sd1.tokenizer, sd1.text_encoder, ["a red circle", "sea"], **kwargs)
-        weighted = stages.encode_prompt(
+        plain = sd_encode(sd1.tokenizer, sd1.text_encoder, ["a red circle", "sea"], **kwargs)
+        weighted = sd_encode(
             sd1.tokenizer, sd1.text_encoder, ["a red circle", "sea"], prompt_weighting=True, **kwargs
         )
-        skip = [stages.encode_prompt(sd1.tokenizer, sd1.text_encoder, "a red circle", device=torch.device("cpu"),
+        skip = [sd_encode(sd1.tokenizer, sd1.text_encoder, "a red circle", device=torch.device("cpu"),
                                      clip_skip=1, prompt_weighting=w)[0] for w in (False, True)]
     for a, b in zip(plain, weighted):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
@@ -150,10 +157,10 @@ def test_a_shorter_tokenizer_gets_chunks_of_its_own_length(tmp_path):
     assert first[0][1:23] == word * 22 and second[0][1:9] == word * 8 and second[0][9] == tok.eos_token_id
     cpu = torch.device("cpu")
     with torch.no_grad():
-        long, negative = stages.encode_prompt(tok, encoder, " ".join(["(x:1.2)"] * 30), device=cpu,
+        long, negative = sd_encode(tok, encoder, " ".join(["(x:1.2)"] * 30), device=cpu,
                                               prompt_weighting=True, negative_prompt="")
-        plain = stages.encode_prompt(tok, encoder, "a red circle", device=cpu)[0]
-        weighted = stages.encode_prompt(tok, encoder, "a red circle", device=cpu, prompt_weighting=True)[0]
+        plain = sd_encode(tok, encoder, "a red circle", device=cpu)[0]
+        weighted = sd_encode(tok, encoder, "a red circle", device=cpu, prompt_weighting=True)[0]
     assert long.shape == negative.shape == (1, 48, 32) and plain.shape == (1, 24, 32)
     assert torch.allclose(plain, weighted, atol=1e-6)
 
@@ -165,7 +172,7 @@ def test_long_weighted_embeddings_run_through_the_pipeline_like_diffusers(sd1_fo
     theirs = diffusers.StableDiffusionPipeline.from_pretrained(sd1_folder)
     prompt = ", ".join(["a (red:1.3) circle on the [sea]"] * 6)
     with torch.no_grad():
-        embeds, negative = stages.encode_prompt(
+        embeds, negative = sd_encode(
             sd1.tokenizer, sd1.text_encoder, prompt, device=torch.device("cpu"), prompt_weighting=True
         )
     assert embeds.shape[1] == 77 * len(chunk_tokens(sd1.tokenizer, prompt)) >= 77 * 2

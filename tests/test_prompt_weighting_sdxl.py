@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import max_diff
 from fixtures_upscale import load_both, write_x2_folder
 
 import stablepipe
-from stablepipe.pipelines import sdxl_stages
-from stablepipe.pipelines.latent_upscale import encode_prompt_pooled
+from stablepipe.pipelines import text
 from stablepipe.pipelines.prompt_weighting import chunk_tokens
 
 pytest_plugins = ["fixtures_sdxl"]  # sdxl_folder, sdxl_refiner_folder
@@ -51,10 +52,21 @@ def sdxl(sdxl_folder):
     return pipe
 
 
-def encode(pipe, prompt, **kwargs) -> sdxl_stages.PromptEmbeds:
-    kwargs = {"device": CPU, "dtype": torch.float32, "force_zeros_for_empty_prompt": False, **kwargs}
+def encode(pipe, prompt, *, force_zeros_for_empty_prompt: bool = False, prompt_weighting: bool = False,
+           **kwargs) -> text.PromptEmbeds:
+    """SDXL's prompt encoding with `pipe`'s text encoders (both, or the refiner's second)."""
+    specs = [dataclasses.replace(s, zeros_for_empty_negative=force_zeros_for_empty_prompt)
+             for s in text.SDXL_TEXT_ENCODERS]
     with torch.no_grad():
-        return sdxl_stages.encode_prompt(pipe.text_encoders(), prompt, **kwargs)
+        return text.encode_prompt_batch(text.bind_text_encoders(pipe, specs), prompt, device=CPU,
+                                        dtype=torch.float32, weighted=prompt_weighting, **kwargs)
+
+
+def encode_x2(pipe, prompt, *, prompt_weighting: bool = False, **kwargs) -> tuple:
+    """The x2 latent upscaler's (embeds, negative, pooled, negative pooled) of `prompt`, guided."""
+    encoders = text.bind_text_encoders(pipe, [text.LATENT_UPSCALER_TEXT_ENCODER])
+    with torch.no_grad():
+        return text.encode_prompt_batch(encoders, prompt, device=CPU, weighted=prompt_weighting, **kwargs).as_tuple()
 
 
 def test_sdxl_weighted_long_prompt_matches_hand_computation(sdxl):
@@ -148,11 +160,8 @@ def x2_pipes(tmp_path_factory):
 def test_x2_weighted_long_prompt_matches_hand_computation(x2_pipes):
     ours, _ = x2_pipes
     chunks = len(chunk_tokens(ours.tokenizer, LONG))
+    embeds, negative, pooled, negative_pooled = encode_x2(ours, LONG, negative_prompt="[blurry]", prompt_weighting=True)
     with torch.no_grad():
-        embeds, negative, pooled, negative_pooled = encode_prompt_pooled(
-            ours.tokenizer, ours.text_encoder, LONG, device=CPU, do_classifier_free_guidance=True,
-            negative_prompt="[blurry]", prompt_weighting=True,
-        )
         expected, expected_pooled = by_hand(ours.tokenizer, ours.text_encoder, LONG, chunks, layer=-1)
         expected_negative, expected_negative_pooled = by_hand(
             ours.tokenizer, ours.text_encoder, "[blurry]", chunks, layer=-1
@@ -161,20 +170,15 @@ def test_x2_weighted_long_prompt_matches_hand_computation(x2_pipes):
     assert torch.allclose(embeds, expected, atol=1e-5) and torch.allclose(negative, expected_negative, atol=1e-5)
     assert torch.allclose(pooled, expected_pooled, atol=1e-6)
     assert torch.allclose(negative_pooled, expected_negative_pooled, atol=1e-6)
-    with torch.no_grad():
-        plain = encode_prompt_pooled(ours.tokenizer, ours.text_encoder, "a cat", device=CPU,
-                                     do_classifier_free_guidance=True, negative_prompt="dog")
-        weighted = encode_prompt_pooled(ours.tokenizer, ours.text_encoder, "a cat", device=CPU,
-                                        do_classifier_free_guidance=True, negative_prompt="dog", prompt_weighting=True)
+    plain = encode_x2(ours, "a cat", negative_prompt="dog")
+    weighted = encode_x2(ours, "a cat", negative_prompt="dog", prompt_weighting=True)
     for a, b in zip(plain, weighted, strict=True):
         assert torch.allclose(a, b, atol=1e-6)  # no syntax, short: the same as without the option
 
 
 def test_x2_pipeline_with_weighting_is_diffusers_on_the_same_embeddings(x2_pipes):
     ours, theirs = x2_pipes
-    with torch.no_grad():
-        embeds = encode_prompt_pooled(ours.tokenizer, ours.text_encoder, LONG, device=CPU,
-                                      do_classifier_free_guidance=True, prompt_weighting=True)
+    embeds = encode_x2(ours, LONG, prompt_weighting=True)
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     common = dict(image=latents, num_inference_steps=2, output_type="np")

@@ -65,7 +65,7 @@ def test_embedding_matches_diffusers(sd1_folder, tmp_path, case):
 def test_multi_vector_tokens_are_expanded_in_prompts(sd1_folder, tmp_path):
     pipe = stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder)
     pipe.load_textual_inversion(a1111_pt(tmp_path / "x.pt", "mystyle", 3))
-    from stablepipe.pipelines.stages import tokenize
+    from stablepipe.pipelines.text import tokenize
 
     ids = tokenize(pipe.tokenizer, ["in mystyle"]).input_ids[0].tolist()
     new = [pipe.tokenizer.convert_tokens_to_ids(t) for t in ("mystyle", "mystyle_1", "mystyle_2")]

@@ -69,7 +69,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
     _config_keys: tuple[str, ...] = ()  # non-component `__init__` arguments saved in model_index.json
     model_cpu_offload_seq = ""
     # `pipe.prompt_weighting = True`: AUTOMATIC1111's `(word:1.3)` syntax and prompts beyond 77 tokens
-    # (passed by `encode_prompt` to `stages.encode_prompt(prompt_weighting=...)`).
+    # (read by the pipelines' `encode_prompt`: `text.encode_prompt_batch(weighted=...)`).
     prompt_weighting: bool = False
     # True where the UNet takes the VAE's latents alone (text-to-image): another kind (an inpainting UNet) is
     # refused when the pipeline is built, with the pipeline it belongs in.

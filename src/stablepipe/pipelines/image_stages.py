@@ -1,6 +1,6 @@
 """The stages of the pipelines that start from an image, each written once.
 
-image -> `preprocess_image` -> `encode_images` -> (strength) `strength_timesteps` -> `noise_to_timestep`;
+image -> `preprocess_image` -> `vae_codec.encode_images` -> (strength) `strength_timesteps` -> `noise_to_timestep`;
 mask -> `preprocess_mask` -> `mask_conditioning`; `mask_crop_region` / `paste_crop_back` for padding_mask_crop.
 Image-to-image, inpainting, depth-to-image, SDXL img2img / inpainting and the upscalers call these.
 
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, match_channels, pil_to_8bit, pil_to_pt, pil_to_rgb, to_unit_float
+from stablepipe.pipelines import vae_codec
 from stablepipe.random import Generator, randn_tensor
 
 logger = logging.getLogger("stablepipe")
@@ -320,44 +321,6 @@ def paste_crop_back(
 # ---- latents -----------------------------------------------------------------------------------------------
 
 
-def sample_latents(encoded, generator: torch.Generator | None, *, sample_mode: str = "sample") -> torch.Tensor:
-    """Latents from a VAE encoder output: a sample of its distribution, its mode ("argmax"), or `.latents`."""
-    dist = getattr(encoded, "latent_dist", None)
-    if dist is not None and sample_mode == "sample":
-        return dist.sample(generator)
-    if dist is not None and sample_mode == "argmax":
-        return dist.mode()
-    if hasattr(encoded, "latents"):
-        return encoded.latents
-    raise ValueError(f"cannot get latents from {type(encoded).__name__} (sample_mode={sample_mode!r})")
-
-
-def encode_images(vae, images: torch.Tensor, *, generator: Generator, sample_mode: str = "sample") -> torch.Tensor:
-    """Images in [-1, 1] (B, 3, H, W) -> scaled latents (B, C, H/8, W/8) in the images' dtype. With a list of
-    generators, image i is sampled with generator i (diffusers' order). The VAE runs in its own dtype (SDXL
-    runs it in float32 for float16 images: see sdxl_stages.vae_upcast)."""
-    dtype, images = images.dtype, images.to(vae.dtype)
-    if isinstance(generator, list):
-        parts = [sample_latents(vae.encode(images[i : i + 1]), generator[i], sample_mode=sample_mode)
-                 for i in range(images.shape[0])]
-        latents = torch.cat(parts)  # (B, C, h, w)
-    else:
-        latents = sample_latents(vae.encode(images), generator, sample_mode=sample_mode)
-    return (latents * vae.config.scaling_factor).to(dtype)
-
-
-def skip_encoder_sample(vae, images: torch.Tensor, *, generator: Generator, scale: int) -> None:
-    """Advance the generator(s) exactly as `encode_images` would, without running the encoder: for results
-    that diffusers computes and never uses (a 4-channel inpainting UNet's masked-image latents)."""
-    shape = (1, vae.config.latent_channels, images.shape[2] // scale, images.shape[3] // scale)
-    dtype, device = vae.dtype, images.device
-    if isinstance(generator, list):
-        for i in range(images.shape[0]):
-            randn_tensor(shape, generator=generator[i], device=device, dtype=dtype)
-    elif generator is not None:
-        randn_tensor((images.shape[0], *shape[1:]), generator=generator, device=device, dtype=dtype)
-
-
 def repeat_to_batch(tensor: torch.Tensor, batch_size: int, *, what: str) -> torch.Tensor:
     """(n, ...) -> (batch_size, ...) by tiling the whole batch (diffusers' order: a, b, a, b)."""
     n = tensor.shape[0]
@@ -380,7 +343,7 @@ def image_latents_for_batch(
         if len(generator) != batch_size:
             raise ValueError(f"got {len(generator)} generators for {batch_size} images; pass one or one per image")
         image = repeat_to_batch(image, batch_size, what="images")
-    return repeat_to_batch(encode_images(vae, image, generator=generator), batch_size, what="images")
+    return repeat_to_batch(vae_codec.encode_images(vae, image, generator=generator), batch_size, what="images")
 
 
 # ---- strength -----------------------------------------------------------------------------------------------

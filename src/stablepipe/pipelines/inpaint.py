@@ -14,7 +14,7 @@ import PIL.Image
 import torch
 
 from stablepipe.image import ImageInput
-from stablepipe.pipelines import arguments, image_stages, stages
+from stablepipe.pipelines import arguments, image_stages, stages, vae_codec
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
@@ -177,7 +177,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         if not self.inpainting_unet or (latents is None and strength < 1.0):
             image = init_image.to(device=self.device, dtype=dtype)
             if image.shape[1] != channels:
-                image = image_stages.encode_images(self.vae, image, generator=generator)
+                image = vae_codec.encode_images(self.vae, image, generator=generator)
             image_latents = image_stages.repeat_to_batch(image, batch, what="images")
         shape = (batch, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         start, noise = image_stages.inpaint_start_latents(
@@ -196,9 +196,9 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         if masked_image_latents is None:
             masked = (init_image * (mask < 0.5)).to(device=device, dtype=dtype)  # (B, 3, H, W), masked area 0
             if self.inpainting_unet:
-                masked_image_latents = image_stages.encode_images(self.vae, masked, generator=generator)
+                masked_image_latents = vae_codec.encode_images(self.vae, masked, generator=generator)
             else:  # a 4-channel UNet does not use them, but diffusers draws their sample: keep the generator in step
-                image_stages.skip_encoder_sample(self.vae, masked, generator=generator, scale=self.vae_scale_factor)
+                vae_codec.skip_encoder_sample(self.vae, masked, generator=generator, scale=self.vae_scale_factor)
         mask, masked_latents = image_stages.mask_conditioning(
             mask, masked_image_latents, batch, latent_size=latent_size, dtype=dtype, device=device
         )

@@ -15,85 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, denormalize, postprocess
-from stablepipe.pipelines import arguments, image_stages, stages, upscale
+from stablepipe.pipelines import arguments, image_stages, stages, text, upscale, vae_codec
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
 from stablepipe.random import Generator
 
 NOISE_LEVEL_FEATURES = 64  # [cos, sin] features of the conditioning image's noise level, 64 each
-
-
-# ---- text -----------------------------------------------------------------------------------------------------
-
-
-def hidden_and_pooled(text_encoder, prompts: list[str], tokenizer, *, device: torch.device, chunks: int | None = None):
-    """The text encoder's last hidden layer, before its final layer norm (B, 77, D), and its pooled output (B, D).
-
-    With `chunks`, the prompts are read in AUTOMATIC1111's syntax and encoded in at least that many 77-token
-    chunks (B, 77 * chunks, D); the pooled output is the first chunk's (see prompt_weighting.py)."""
-    if chunks is not None:
-        from stablepipe.pipelines.prompt_weighting import encode_weighted
-
-        return encode_weighted(tokenizer, text_encoder, prompts, device=device, layer=-1, min_chunks=chunks)
-    ids = stages.tokenize(tokenizer, prompts).input_ids.to(device)
-    out = text_encoder(ids, output_hidden_states=True)
-    return out.hidden_states[-1], out.pooler_output
-
-
-def encode_prompt_pooled(
-    tokenizer,
-    text_encoder,
-    prompt: stages.Prompt,
-    *,
-    device: torch.device,
-    do_classifier_free_guidance: bool,
-    negative_prompt: stages.Prompt = None,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    pooled_prompt_embeds: torch.Tensor | None = None,
-    negative_pooled_prompt_embeds: torch.Tensor | None = None,
-    prompt_weighting: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
-    """(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled) as the latent upscaler was trained:
-    per-token states (B, 77, D) and the pooled (end-of-text) state (B, D); negatives only with guidance.
-    `prompt_weighting=True`: AUTOMATIC1111's syntax and long prompts, (B, 77 * chunks, D) for both."""
-    batch_size = stages.prompt_batch_size(prompt, prompt_embeds)
-    stages.check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds)
-    check_pooled(prompt_embeds, pooled_prompt_embeds, "")
-    check_pooled(negative_prompt_embeds, negative_pooled_prompt_embeds, "negative_")
-    prompts = None if prompt_embeds is not None else [prompt] if isinstance(prompt, str) else prompt
-    negatives = None
-    if do_classifier_free_guidance and negative_prompt_embeds is None:
-        negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
-    chunks = None
-    if prompt_weighting:
-        from stablepipe.pipelines.prompt_weighting import chunk_count, chunks_in
-
-        texts = [*(prompts or []), *(negatives or [])]
-        chunks = chunk_count(tokenizer, texts) if prompts is not None else chunks_in(prompt_embeds, tokenizer)
-    if prompts is not None:
-        prompt_embeds, pooled_prompt_embeds = hidden_and_pooled(
-            text_encoder, prompts, tokenizer, device=device, chunks=chunks
-        )
-    if not do_classifier_free_guidance:
-        return prompt_embeds, None, pooled_prompt_embeds, None
-    if negatives is not None:
-        negative_prompt_embeds, negative_pooled_prompt_embeds = hidden_and_pooled(
-            text_encoder, negatives, tokenizer, device=device, chunks=chunks
-        )
-    if negative_prompt_embeds.shape != prompt_embeds.shape:
-        raise ValueError(
-            f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
-            f"{tuple(prompt_embeds.shape)} must have the same shape"
-        )
-    return prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds
-
-
-def check_pooled(embeds: torch.Tensor | None, pooled: torch.Tensor | None, prefix: str) -> None:
-    if embeds is not None and pooled is None:
-        raise ValueError(
-            f"{prefix}prompt_embeds need {prefix}pooled_prompt_embeds too (the text encoder's pooled output for the "
-            "same prompts): the latent upscaler is conditioned on both"
-        )
 
 
 # ---- the low-resolution latents ----------------------------------------------------------------------------
@@ -103,7 +29,7 @@ def image_latents(vae, image: torch.Tensor, *, generator: Generator) -> torch.Te
     """(B, 3, H, W) images in [-1, 1] -> sampled, scaled latents (B, C, H/8, W/8); latents pass through."""
     if image.shape[1] == vae.config.latent_channels:
         return image
-    return image_stages.encode_images(vae, image, generator=generator)
+    return vae_codec.encode_images(vae, image, generator=generator)
 
 
 def latent_conditioning(
@@ -251,13 +177,12 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         # 2. Encode the prompt (guidance_scale 0: unconditional, as in diffusers)
         if guidance_scale == 0 and prompt_embeds is None:
             prompt = [""] * batch_size
-        embeds, negative, pooled, negative_pooled = encode_prompt_pooled(
-            self.tokenizer, self.text_encoder, prompt, device=device,
-            do_classifier_free_guidance=self.do_classifier_free_guidance, negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            prompt_weighting=self.prompt_weighting,
-        )
+        embeds, negative, pooled, negative_pooled = text.encode_prompt_batch(
+            text.bind_text_encoders(self, [text.LATENT_UPSCALER_TEXT_ENCODER]), prompt, negative_prompt,
+            given=text.PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
+                                    negative_pooled_prompt_embeds),
+            device=device, guided=self.do_classifier_free_guidance, weighted=self.prompt_weighting,
+        ).as_tuple()
         cond = stages.Conditioning(embeds, negative)
         # 3. The low-res latents (B_img, 4, h, w): given, or encoded from the image
         channels = self.vae.config.latent_channels
@@ -291,5 +216,5 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         """Latents -> the requested output type (no safety checker: diffusers' latent upscaler has none)."""
         if output_type == "latent":
             return latents
-        return postprocess(denormalize(stages.decode_latents(self.vae, latents)), output_type,
+        return postprocess(denormalize(vae_codec.decode_latents(self.vae, latents)), output_type,
                            do_denormalize=[False] * latents.shape[0])  # fmt: skip

@@ -24,7 +24,7 @@ from stablepipe.image import OUTPUT_TYPES, ImageInput, denormalize, pil_to_pt, p
 from stablepipe.models.resnet import Downsample2D
 from stablepipe.models.safety import run_safety_checker
 from stablepipe.outputs import BaseOutput
-from stablepipe.pipelines import arguments, image_stages, stages, upscale
+from stablepipe.pipelines import arguments, image_stages, stages, upscale, vae_codec
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase, StableDiffusionPipeline
 from stablepipe.random import Generator
 
@@ -101,7 +101,7 @@ class RGBDFinish:
         if output_type == "latent":
             rgb, depth, flags = latents, None, None
         else:
-            rgbd = denormalize(stages.decode_latents(self.vae, latents))  # (B, 4 or 6, H, W) in [0, 1]
+            rgbd = denormalize(vae_codec.decode_latents(self.vae, latents))  # (B, 4 or 6, H, W) in [0, 1]
             rgbd, flags = check_rgbd_safety(self, rgbd)
             rgb, depth = split_rgbd(rgbd)  # (B, 3, H, W), (B, 1, H, W)
             rgb = postprocess(rgb, output_type, do_denormalize=[False] * len(rgb))
@@ -286,7 +286,7 @@ def rgbd_latents(vae, rgbd: torch.Tensor, *, generator) -> torch.Tensor:
     sampled from the encoder's distribution (with a list of generators, image i with generator i)."""
     if isinstance(generator, list) and len(generator) != rgbd.shape[0]:
         generator = generator[0]  # copies of one image share its encoding: draw it from the first generator
-    return image_stages.encode_images(vae, rgbd, generator=generator)
+    return vae_codec.encode_images(vae, rgbd, generator=generator)
 
 
 # ---- the RGB-D upscaler ---------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ over its whole batch; for one prompt it is the same).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -131,37 +132,24 @@ def empty_chunk(tokenizer) -> tuple[list[int], list[float]]:
     return wrap_chunk(tokenizer, [], [])
 
 
-def encode_chunk(
-    text_encoder, ids: torch.Tensor, weights: torch.Tensor, *, clip_skip: int | None, layer: int | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk per prompt: ids and weights (B, 77) -> weighted hidden states (B, 77, D) and the pooled output.
-
-    The hidden states are the last layer's, or with `clip_skip=k` the k-th from last through the final layer
-    norm (SD 1.x / 2.x), or with `layer=i` hidden_states[i] as is (SDXL takes -2)."""
-    output = text_encoder(ids, output_hidden_states=clip_skip is not None or layer is not None)
-    if layer is not None:
-        hidden = output.hidden_states[layer]
-    elif clip_skip is not None:
-        final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
-        hidden = final_norm(output.hidden_states[-(clip_skip + 1)])
-    else:
-        hidden = output.last_hidden_state
-    pooled = getattr(output, "text_embeds", None)
-    pooled = getattr(output, "pooler_output", None) if pooled is None else pooled
+def weigh_chunk(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One chunk's hidden states (B, 77, D) times their tokens' weights (B, 77), the mean restored: z' = z * w,
+    then z' * mean(z) / mean(z') per prompt (AUTOMATIC1111's "Original" emphasis)."""
     original_mean = hidden.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
     weighted = hidden * weights[..., None].to(hidden.dtype)  # (B, 77, D)
     new_mean = weighted.mean(dim=(1, 2), keepdim=True)  # (B, 1, 1)
     scale = torch.where(new_mean == 0, torch.ones_like(new_mean), original_mean / new_mean)  # no 0 / 0
-    return weighted * scale, pooled
+    return weighted * scale
 
 
 def encode_weighted(
-    tokenizer, text_encoder, prompts: list[str], *, device: torch.device, clip_skip: int | None = None,
-    layer: int | None = None, min_chunks: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weighted, chunked embeddings (B, 77 * chunks, D) of `prompts`, and the first chunk's pooled output
-    (what SDXL takes). Every prompt gets the same number of chunks (at least `min_chunks`): shorter ones are
-    padded with empty chunks, as AUTOMATIC1111 pads a batch."""
+    tokenizer, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]], prompts: list[str], *,
+    device: torch.device, min_chunks: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+    """Weighted, chunked embeddings (B, 77 * chunks, D) of `prompts`, and the first chunk's pooled embedding (what
+    SDXL and the x2 upscaler take). `encode(ids)` runs the text encoder on one chunk per prompt, ids (B, 77) ->
+    (hidden states (B, 77, D), pooled or None). Every prompt gets the same number of chunks (at least
+    `min_chunks`): shorter ones are padded with empty chunks, as AUTOMATIC1111 pads a batch."""
     per_prompt = [chunk_tokens(tokenizer, p) for p in prompts]
     count = max(min_chunks, *(len(c) for c in per_prompt))
     per_prompt = [c + [empty_chunk(tokenizer)] * (count - len(c)) for c in per_prompt]
@@ -169,8 +157,8 @@ def encode_weighted(
     for i in range(count):
         ids = torch.tensor([c[i][0] for c in per_prompt], device=device)  # (B, 77)
         weights = torch.tensor([c[i][1] for c in per_prompt], device=device)  # (B, 77)
-        z, chunk_pooled = encode_chunk(text_encoder, ids, weights, clip_skip=clip_skip, layer=layer)
-        hidden.append(z)
+        z, chunk_pooled = encode(ids)
+        hidden.append(weigh_chunk(z, weights))
         pooled = chunk_pooled if pooled is None else pooled
     return torch.cat(hidden, dim=1), pooled  # (B, 77 * count, D)
 
@@ -183,22 +171,3 @@ def chunks_in(embeds: torch.Tensor, tokenizer) -> int:
     """How many chunks (77 tokens for CLIP) given embeddings (B, L, D) hold, so that negatives can be encoded to
     match."""
     return max(1, embeds.shape[1] // tokenizer.model_max_length)
-
-
-def encode_prompt_pair(
-    tokenizer, text_encoder, prompt: str | list[str], negative_prompt: str | list[str] | None, *,
-    batch_size: int, device: torch.device, clip_skip: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt and (unless `negative_prompt` is None) negative-prompt embeddings of equal length, the shorter
-    padded with empty chunks. A negative prompt "" stands for none, as in the plain encoder."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = None
-    if negative_prompt is not None:
-        negatives = list(negative_prompt) if isinstance(negative_prompt, list) else [negative_prompt] * batch_size
-    count = chunk_count(tokenizer, prompts + (negatives or []))
-    embeds, _ = encode_weighted(tokenizer, text_encoder, prompts, device=device, clip_skip=clip_skip, min_chunks=count)
-    if negatives is None:
-        return embeds, None
-    negative, _ = encode_weighted(tokenizer, text_encoder, negatives, device=device, clip_skip=clip_skip,
-                                  min_chunks=count)
-    return embeds, negative

@@ -19,7 +19,7 @@ import torch
 from stablepipe.image import ImageInput, denormalize, postprocess
 from stablepipe.models.safety import black_out, run_safety_checker
 from stablepipe.outputs import BaseOutput
-from stablepipe.pipelines import arguments, stages
+from stablepipe.pipelines import arguments, stages, text, vae_codec
 from stablepipe.pipelines.base import diffusers_call
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
@@ -154,15 +154,15 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
 
     def encode_safety_concept(self, batch: int, *, device: torch.device, like: torch.Tensor) -> torch.Tensor:
         """The safety concept's text embeddings, one copy per image: (batch, L, D) with L, dtype of `like`."""
-        tokens = stages.tokenize(self.tokenizer, [self._safety_concept], max_length=like.shape[1])
-        embeds = stages.text_hidden_states(self.text_encoder, tokens, device=device, clip_skip=None)  # (1, L, D)
+        encoder = text.TextEncoder(text.SD_TEXT_ENCODER, self.tokenizer, self.text_encoder)
+        embeds, _ = text.encode_texts(encoder, [self._safety_concept], device=device, max_length=like.shape[1])
         return embeds.to(like.dtype).repeat(batch, 1, 1)
 
     def finish_safe(self, latents: torch.Tensor, output_type: str):
         """Decode, run the safety checker keeping what it flags, convert: (images, flags, unsafe images)."""
         if output_type == "latent":
             return postprocess(latents, output_type), None, None
-        decoded = denormalize(stages.decode_latents(self.vae, latents))  # (B, 3, H, W) in [0, 1]
+        decoded = denormalize(vae_codec.decode_latents(self.vae, latents))  # (B, 3, H, W) in [0, 1]
         checked, flags = run_safety_checker(
             self.safety_checker, self.feature_extractor, decoded, device=self.device, dtype=self.unet.dtype
         )

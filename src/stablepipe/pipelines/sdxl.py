@@ -16,17 +16,19 @@ import numpy as np
 import PIL.Image
 import torch
 
-from stablepipe.image import OUTPUT_TYPES, ImageInput, postprocess
+from stablepipe.image import ImageInput, postprocess
 from stablepipe.outputs import BaseOutput
-from stablepipe.pipelines import arguments, image_stages, sdxl_stages, stages
-from stablepipe.pipelines.base import diffusers_call
+from stablepipe.pipelines import arguments, image_stages, sdxl_stages, stages, text, vae_codec
+from stablepipe.pipelines.base import DiffusionPipeline, diffusers_call, processor_kwargs
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.inpaint import (
     StableDiffusionInpaintPipeline,
     check_masked_image_latents,
     check_padding_mask_crop,
 )
-from stablepipe.pipelines.sdxl_stages import MicroConditioning, PromptEmbeds
-from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
+from stablepipe.pipelines.ip_adapter import IPAdapterPipelineMixin, ip_adapter_unet_kwargs
+from stablepipe.pipelines.sdxl_stages import MicroConditioning
+from stablepipe.pipelines.text import PromptEmbeds
 from stablepipe.random import Generator
 
 WATERMARK_WARNING = (
@@ -42,7 +44,7 @@ class StableDiffusionXLPipelineOutput(BaseOutput):
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
 
 
-class StableDiffusionXLBase(StableDiffusionBase):
+class StableDiffusionXLBase(IPAdapterPipelineMixin, DiffusionPipeline):
     """What the SDXL pipelines share: two text encoders, micro-conditioning, and an upcasting VAE decode."""
 
     _optional_components = ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2", "image_encoder",
@@ -76,17 +78,27 @@ class StableDiffusionXLBase(StableDiffusionBase):
         self.add_watermarker = add_watermarker
 
     @property
+    def vae_scale_factor(self) -> int:
+        return vae_codec.scale_factor(self.vae)
+
+    def default_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        sample = self.unet.config.sample_size * self.vae_scale_factor
+        return height or sample, width or sample
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU in the UNet (see `UNet2DConditionModel.enable_freeu`), as diffusers' pipelines offer it."""
+        self.unet.enable_freeu(s1=s1, s2=s2, b1=b1, b2=b2)
+
+    def disable_freeu(self) -> None:
+        self.unet.disable_freeu()
+
+    @property
     def denoising_end(self) -> float | None:
         return getattr(self, "_denoising_end", None)
 
     @property
     def denoising_start(self) -> float | None:
         return getattr(self, "_denoising_start", None)
-
-    def text_encoders(self) -> list[tuple]:
-        """The (tokenizer, text_encoder) pairs present: both on the base model, the second only on the refiner."""
-        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
-        return [(t, e) for t, e in pairs if t is not None and e is not None]
 
     @torch.no_grad()
     def encode_prompt(
@@ -107,32 +119,28 @@ class StableDiffusionXLBase(StableDiffusionBase):
     ) -> tuple:
         """diffusers' signature: (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds,
         negative_pooled_prompt_embeds)."""
+        given = PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)
         return self.embed_prompts(
-            prompt, prompt_2, negative_prompt, negative_prompt_2,
-            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
-            device=device or self.device, num_images_per_prompt=num_images_per_prompt,
-            guided=do_classifier_free_guidance, clip_skip=clip_skip, lora_scale=lora_scale,
+            (prompt, prompt_2), (negative_prompt, negative_prompt_2), given, device=device or self.device,
+            num_images_per_prompt=num_images_per_prompt, guided=do_classifier_free_guidance, clip_skip=clip_skip,
+            lora_scale=lora_scale,
         ).as_tuple()
 
     def embed_prompts(
-        self, prompt, prompt_2, negative_prompt, negative_prompt_2, given: Sequence[torch.Tensor | None], *,
-        device: torch.device, num_images_per_prompt: int, clip_skip: int | None, guided: bool | None = None,
-        lora_scale: float | None = None,
+        self, prompts: tuple, negatives: tuple, given: PromptEmbeds, *, device: torch.device,
+        num_images_per_prompt: int, clip_skip: int | None, guided: bool | None = None, lora_scale: float | None = None,
     ) -> PromptEmbeds:
-        """Both encoders' embeddings, in the second encoder's dtype (the UNet's without one); `given` holds the
-        (prompt, negative, pooled, negative pooled) embeddings passed in; `guided` defaults to this call's."""
-        encoders = self.text_encoders()
-        if not encoders and given[0] is None:
-            raise ValueError("this pipeline has no text encoder; pass prompt_embeds and pooled_prompt_embeds")
+        """Both encoders' embeddings of (prompt, prompt_2) and (negative_prompt, negative_prompt_2), in the second
+        encoder's dtype (the UNet's without one); `guided` defaults to this call's guidance."""
+        specs = [dataclasses.replace(spec, zeros_for_empty_negative=self.force_zeros_for_empty_prompt)
+                 for spec in text.SDXL_TEXT_ENCODERS]  # fmt: skip
         dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
         with self.lora_scale(lora_scale):  # the text encoders' LoRA adapters, as diffusers' lora_scale
-            return sdxl_stages.encode_prompt(
-                encoders, prompt, prompt_2, device=device, dtype=dtype, num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=self.do_classifier_free_guidance if guided is None else guided,
-                negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2,
-                prompt_embeds=given[0], negative_prompt_embeds=given[1], pooled_prompt_embeds=given[2],
-                negative_pooled_prompt_embeds=given[3], clip_skip=clip_skip,
-                force_zeros_for_empty_prompt=self.force_zeros_for_empty_prompt, prompt_weighting=self.prompt_weighting,
+            return text.encode_prompt_batch(
+                text.bind_text_encoders(self, specs), prompts[0], negatives[0], prompt_2=prompts[1],
+                negative_prompt_2=negatives[1], given=given, device=device, dtype=dtype,
+                num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip, weighted=self.prompt_weighting,
+                guided=self.do_classifier_free_guidance if guided is None else guided,
             )
 
     def check_time_ids(self, pooled_prompt_embeds: torch.Tensor | None) -> None:
@@ -148,35 +156,26 @@ class StableDiffusionXLBase(StableDiffusionBase):
 
     def conditioning(
         self, embeds: PromptEmbeds, ids: tuple[list[float], list[float]], *, repeat_pairs: bool = False,
-        cross_attention_kwargs: dict | None = None,
-    ) -> stages.Conditioning:
-        """Everything the UNet is conditioned on: text, pooled text and micro-conditioning ids, guidance embedding."""
+        cross_attention_kwargs: dict | None = None, ip_adapter: tuple = (None, None),
+    ) -> Conditioning:
+        """Everything the UNet is conditioned on: text, pooled text and micro-conditioning ids, the IP-Adapters'
+        image embeds (`ip_adapter`: (ip_adapter_image, ip_adapter_image_embeds)), the guidance embedding."""
         batch = embeds.prompt_embeds.shape[0]
         added = sdxl_stages.added_cond_kwargs(embeds, *ids, batch=batch, repeat_pairs=repeat_pairs)
-        unet_kwargs: dict[str, Any] = {"added_cond_kwargs": added, **self.guidance_embedding(batch)}
-        if cross_attention_kwargs is not None:
-            unet_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
-        return stages.Conditioning(embeds.prompt_embeds, embeds.negative_prompt_embeds, unet_kwargs)
+        images = ip_adapter_unet_kwargs(self, *ip_adapter, batch_size=batch, guided=self.do_classifier_free_guidance,
+                                        device=self.device)  # fmt: skip
+        added.update(images.get("added_cond_kwargs", {}))
+        guidance = stages.guidance_embedding_kwargs(self.unet, self.guidance_scale, batch, device=self.device)
+        unet_kwargs = {"added_cond_kwargs": added, **guidance, **processor_kwargs(cross_attention_kwargs)}
+        return Conditioning(embeds.prompt_embeds, embeds.negative_prompt_embeds, unet_kwargs)
 
     def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode (in float32 where the VAE needs it) and convert; SDXL has no safety checker."""
         if output_type == "latent":
             images = latents
         else:
-            images = postprocess(sdxl_stages.decode_latents(self.vae, latents), output_type)
+            images = postprocess(vae_codec.decode_latents(self.vae, latents, upcast=True), output_type)
         return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
-
-    def begin_call(
-        self, unsupported: dict[str, Any], guidance_scale: float, names: Sequence[str], output_type: str
-    ) -> torch.device:
-        """Checks every SDXL `__call__` starts with; sets the per-call state; returns the device."""
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        stages.check_callback_inputs(names, self._callback_tensor_inputs)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        return self.device
 
 
 class StableDiffusionXLPipeline(StableDiffusionXLBase):
@@ -226,7 +225,10 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         **unsupported: Any,
     ) -> StableDiffusionXLPipelineOutput:
         # 1. Check inputs
-        device = self.begin_call(unsupported, guidance_scale, callback_on_step_end_tensor_inputs, output_type)
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
         height, width = self.default_size(height, width)
         stages.check_size(height, width, multiple=self.vae_scale_factor)
         stages.check_steps(num_inference_steps, timesteps, sigmas)
@@ -237,11 +239,10 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
                                   negative_crops_coords_top_left, negative_target_size)
         # 2. Encode the prompt with both text encoders
         embeds = self.embed_prompts(
-            prompt, prompt_2, negative_prompt, negative_prompt_2,
-            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            (prompt, prompt_2), (negative_prompt, negative_prompt_2),
+            PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
             device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
         )
-        batch = embeds.prompt_embeds.shape[0]
         # 3. Timesteps, cut at denoising_end when the refiner takes over
         timesteps, num_inference_steps = stages.retrieve_timesteps(
             self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
@@ -251,19 +252,18 @@ class StableDiffusionXLPipeline(StableDiffusionXLBase):
         )
         sdxl_stages.set_begin_index(self.scheduler, 0)
         # 4. Initial noise
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = stages.prepare_latents(
-            shape, dtype=embeds.prompt_embeds.dtype, device=device, generator=generator, latents=latents,
-            init_noise_sigma=self.scheduler.init_noise_sigma,
+        latents = self.initial_noise(
+            embeds.prompt_embeds.shape[0], height, width, dtype=embeds.prompt_embeds.dtype, generator=generator,
+            latents=latents, channels=self.unet.config.in_channels,
         )
-        # 5. Micro-conditioning and pooled text
+        # 5. Conditioning: text, pooled text, micro-conditioning, IP-Adapter images
         cond = self.conditioning(embeds, micro.text_to_image_ids(height, width), repeat_pairs=True,
-                                 cross_attention_kwargs=cross_attention_kwargs)
+                                 cross_attention_kwargs=cross_attention_kwargs,
+                                 ip_adapter=(ip_adapter_image, ip_adapter_image_embeds))  # fmt: skip
         # 6. Denoise
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         # 7. Decode (float32 VAE where needed) and convert
@@ -320,12 +320,13 @@ class StableDiffusionXLImageBase(StableDiffusionXLBase):
         return sdxl_stages.cut_at_denoising_end(self.scheduler, timesteps, num_inference_steps, self.denoising_end)
 
     def image_conditioning(
-        self, embeds: PromptEmbeds, micro: MicroConditioning, latents: torch.Tensor, cross_attention_kwargs=None
-    ) -> stages.Conditioning:
+        self, embeds: PromptEmbeds, micro: MicroConditioning, latents: torch.Tensor, cross_attention_kwargs=None,
+        ip_adapter: tuple = (None, None),
+    ) -> Conditioning:
         """The UNet's conditioning, with the micro-conditioning sizes defaulting to the latents' pixel size."""
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
         ids = micro.image_to_image_ids(height, width, aesthetic=self.requires_aesthetics_score)
-        return self.conditioning(embeds, ids, cross_attention_kwargs=cross_attention_kwargs)
+        return self.conditioning(embeds, ids, cross_attention_kwargs=cross_attention_kwargs, ip_adapter=ip_adapter)
 
 
 class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
@@ -377,7 +378,10 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
         **unsupported: Any,
     ) -> StableDiffusionXLPipelineOutput:
         # 1. Check inputs
-        device = self.begin_call(unsupported, guidance_scale, callback_on_step_end_tensor_inputs, output_type)
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
         stages.check_steps(num_inference_steps, timesteps, sigmas)
         custom_schedule = timesteps is not None or sigmas is not None
         self.check_image_inputs(strength, num_inference_steps, (denoising_start, denoising_end), custom_schedule)
@@ -387,8 +391,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
                                   negative_aesthetic_score)
         # 2. Encode the prompt (the refiner has only the second text encoder)
         embeds = self.embed_prompts(
-            prompt, prompt_2, negative_prompt, negative_prompt_2,
-            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            (prompt, prompt_2), (negative_prompt, negative_prompt_2),
+            PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
             device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
         )
         # 3. Preprocess the image: (B, 3, H, W) in [-1, 1], or the base model's latents
@@ -410,11 +414,11 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
         else:
             sdxl_stages.check_given_latents(latents, image, embeds.prompt_embeds.shape[0], self.vae_scale_factor)
         # 6. Denoise
-        cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            guidance_rescale=guidance_rescale, callback_on_step_end=callback_on_step_end,
+        cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs,
+                                       ip_adapter=(ip_adapter_image, ip_adapter_image_embeds))  # fmt: skip
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         # 7. Decode (float32 VAE where needed) and convert
@@ -478,7 +482,10 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
         **unsupported: Any,
     ) -> StableDiffusionXLPipelineOutput:
         # 1. Check inputs
-        device = self.begin_call(unsupported, guidance_scale, callback_on_step_end_tensor_inputs, output_type)
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
         height, width = self.default_size(height, width)
         stages.check_steps(num_inference_steps, timesteps, sigmas)
         custom_schedule = timesteps is not None or sigmas is not None
@@ -494,8 +501,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
                                   negative_aesthetic_score)
         # 2. Encode the prompt
         embeds = self.embed_prompts(
-            prompt, prompt_2, negative_prompt, negative_prompt_2,
-            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            (prompt, prompt_2), (negative_prompt, negative_prompt_2),
+            PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
             device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
         )
         # 3. Timesteps: from denoising_start, or the last `strength` of them; cut at denoising_end
@@ -510,7 +517,7 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
         init_image = image_stages.preprocess_image(images, latent_channels=self.vae.config.latent_channels, **size)
         mask = image_stages.preprocess_mask(masks, **size)
         # 5. Starting latents, their noise and the image's latents (float32 VAE where needed)
-        with sdxl_stages.vae_upcast(self.vae):
+        with vae_codec.upcast_if_forced(self.vae):
             latents, noise, image_latents = self.start_latents(
                 init_image, timesteps[:1], batch, strength=strength, latents=latents, generator=generator,
                 dtype=embeds.prompt_embeds.dtype, height=height, width=width,
@@ -519,7 +526,8 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
             latents = image_latents  # continue from the image's (the base model's) latents, no noise added
         # 6. Conditioning: text, micro-conditioning, mask and masked-image latents
         cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs)
-        with sdxl_stages.vae_upcast(self.vae):
+        cond = stages.Conditioning(cond.prompt_embeds, cond.negative_prompt_embeds, cond.unet_kwargs)  # until H1
+        with vae_codec.upcast_if_forced(self.vae):
             extras = self.mask_extras(
                 init_image, mask, self.masked_latents_or_stand_in(init_image, masked_image_latents), batch,
                 generator=generator, cond=cond,

@@ -9,7 +9,7 @@ import torch
 
 from stablepipe.image import ImageInput, denormalize, postprocess
 from stablepipe.models.safety import run_safety_checker
-from stablepipe.pipelines import arguments, stages
+from stablepipe.pipelines import arguments, stages, text, vae_codec
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput, diffusers_call, processor_kwargs
 from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.ip_adapter import IPAdapterPipelineMixin, ip_adapter_unet_kwargs
@@ -65,14 +65,14 @@ class StableDiffusionBase(IPAdapterPipelineMixin, DiffusionPipeline):
     ):
         """diffusers' signature: returns (prompt_embeds, negative_prompt_embeds); `lora_scale` scales the text
         encoder's LoRA adapters for this call."""
-        kwargs.setdefault("prompt_weighting", self.prompt_weighting)  # A1111 `(word:1.3)` syntax, long prompts
+        weighted = kwargs.pop("prompt_weighting", self.prompt_weighting)  # A1111 `(word:1.3)` syntax, long prompts
         with self.lora_scale(lora_scale):
-            return stages.encode_prompt(
-                self.tokenizer, self.text_encoder, prompt, device=device, num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=do_classifier_free_guidance, negative_prompt=negative_prompt,
-                prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
-                **kwargs,
+            embeds = text.encode_prompt_batch(
+                text.bind_text_encoders(self, [text.SD_TEXT_ENCODER]), prompt, negative_prompt, device=device,
+                given=text.PromptEmbeds(prompt_embeds, negative_prompt_embeds), guided=do_classifier_free_guidance,
+                num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip, weighted=weighted, **kwargs,
             )
+        return embeds.prompt_embeds, embeds.negative_prompt_embeds
 
     def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
         """FreeU in the UNet (see `UNet2DConditionModel.enable_freeu`), as diffusers' pipelines offer it."""
@@ -93,18 +93,14 @@ class StableDiffusionBase(IPAdapterPipelineMixin, DiffusionPipeline):
 
     def guidance_embedding(self, batch: int) -> dict[str, Any]:
         """UNet kwargs for guidance-distilled models (LCM): the guidance scale as `timestep_cond`."""
-        dim = self.unet.config.get("time_cond_proj_dim")
-        if dim is None:
-            return {}
-        w = torch.tensor(self.guidance_scale - 1).repeat(batch)
-        return {"timestep_cond": stages.guidance_scale_embedding(w, dim).to(self.device, self.unet.dtype)}
+        return stages.guidance_embedding_kwargs(self.unet, self.guidance_scale, batch, device=self.device)
 
     def finish(self, latents: torch.Tensor, output_type: str, return_dict: bool):
         """Decode, run the safety checker, convert: the last stages of every SD pipeline."""
         if output_type == "latent":
             images, flags = latents, None
         else:
-            decoded = denormalize(stages.decode_latents(self.vae, latents))  # (B, 3, H, W) in [0, 1]
+            decoded = denormalize(vae_codec.decode_latents(self.vae, latents))  # (B, 3, H, W) in [0, 1]
             decoded, flags = run_safety_checker(
                 self.safety_checker, self.feature_extractor, decoded, device=self.device, dtype=self.unet.dtype
             )

@@ -1,14 +1,13 @@
 """The stages every Stable Diffusion pipeline is made of, each written once.
 
-prompt -> `encode_prompt` -> `prepare_latents` -> `retrieve_timesteps` -> `denoise` (UNet + scheduler,
-guidance) -> `decode_latents` -> `run_safety_checker` -> `postprocess`.
+prompt -> `text.encode_prompt_batch` -> `prepare_latents` -> `retrieve_timesteps` -> `denoise` (UNet + scheduler,
+guidance) -> `vae_codec.decode_latents` -> `run_safety_checker` -> `postprocess`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-import logging
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,8 +17,6 @@ import torch
 from stablepipe.pipelines import arguments
 from stablepipe.pipelines.step_cache import step_cached_model
 from stablepipe.random import Generator, randn_tensor
-
-logger = logging.getLogger("stablepipe")
 
 Prompt = str | list[str] | None
 
@@ -89,85 +86,9 @@ def check_callback_inputs(requested: Sequence[str], allowed: Sequence[str]) -> N
 # ---- text ---------------------------------------------------------------------------------------------
 
 
-def tokenize(tokenizer, prompts: list[str], *, max_length: int | None = None) -> torch.Tensor:
-    """Token ids padded to the tokenizer's length (77 for CLIP), warning about what gets cut off."""
-    from stablepipe.loading.textual_inversion import expand_prompt
-
-    prompts = [expand_prompt(tokenizer, p) for p in prompts]  # multi-vector textual-inversion tokens
-    max_length = max_length or tokenizer.model_max_length
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
-    full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-    if full.shape[-1] > ids.input_ids.shape[-1]:
-        removed = tokenizer.batch_decode(full[:, max_length - 1 : -1])
-        logger.warning("CLIP takes at most %d tokens; this part of the prompt was cut off: %s", max_length, removed)
-    return ids
-
-
-def text_hidden_states(text_encoder, tokens, *, device: torch.device, clip_skip: int | None) -> torch.Tensor:
-    """The text encoder's last hidden states, or with `clip_skip=k` the k-th from last, layer-normed."""
-    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    ids = tokens.input_ids.to(device)
-    if clip_skip is None:
-        return text_encoder(ids, attention_mask=mask)[0]
-    hidden = text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
-    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm  # transformers 4 / 5 layouts
-    return final_norm(hidden[-(clip_skip + 1)])
-
-
 def repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
     """(B, ...) -> (B * n, ...), each prompt's copies next to each other."""
     return embeds.repeat_interleave(num_images_per_prompt, dim=0)
-
-
-def encode_prompt(
-    tokenizer,
-    text_encoder,
-    prompt: Prompt,
-    *,
-    device: torch.device,
-    num_images_per_prompt: int = 1,
-    do_classifier_free_guidance: bool = True,
-    negative_prompt: Prompt = None,
-    prompt_embeds: torch.Tensor | None = None,
-    negative_prompt_embeds: torch.Tensor | None = None,
-    clip_skip: int | None = None,
-    prompt_weighting: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """CLIP embeddings of the prompts (B * n, 77, D) and, with guidance, of the negative prompts.
-
-    `prompt_weighting=True` reads AUTOMATIC1111's syntax, `(word:1.3)`, `[word]`, BREAK, and encodes prompts
-    longer than 77 tokens in chunks: (B * n, 77 * chunks, D) (see `prompt_weighting.py`)."""
-    batch_size = prompt_batch_size(prompt, prompt_embeds)
-    check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds)
-    dtype = text_encoder.dtype if text_encoder is not None else prompt_embeds.dtype
-    if prompt_weighting and prompt_embeds is None:
-        from stablepipe.pipelines.prompt_weighting import encode_prompt_pair
-
-        with_negatives = do_classifier_free_guidance and negative_prompt_embeds is None
-        prompt_embeds, weighted = encode_prompt_pair(
-            tokenizer, text_encoder, prompt, (negative_prompt or "") if with_negatives else None, batch_size=batch_size,
-            device=device, clip_skip=clip_skip,
-        )
-        negative_prompt_embeds = weighted if with_negatives else negative_prompt_embeds
-    if prompt_embeds is None:
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        tokens = tokenize(tokenizer, prompts)
-        prompt_embeds = text_hidden_states(text_encoder, tokens, device=device, clip_skip=clip_skip)
-    prompt_embeds = repeat_per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
-    if not do_classifier_free_guidance:
-        return prompt_embeds, None
-    if negative_prompt_embeds is None:
-        negatives = [negative_prompt or ""] * batch_size if not isinstance(negative_prompt, list) else negative_prompt
-        tokens = tokenize(tokenizer, negatives, max_length=prompt_embeds.shape[1])
-        negative_prompt_embeds = text_hidden_states(text_encoder, tokens, device=device, clip_skip=None)
-    negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
-    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds, num_images_per_prompt)
-    if negative_prompt_embeds.shape != prompt_embeds.shape:
-        raise ValueError(
-            f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} and prompt_embeds "
-            f"{tuple(prompt_embeds.shape)} must have the same shape"
-        )
-    return prompt_embeds, negative_prompt_embeds
 
 
 def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -178,6 +99,16 @@ def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype: torch.dtype = tor
     angles = w.to(dtype)[:, None] * frequencies[None, :]  # (B, half)
     emb = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+def guidance_embedding_kwargs(unet, guidance_scale: float, batch: int, *, device: torch.device) -> dict[str, Any]:
+    """The UNet kwargs of a guidance-distilled model (LCM): the guidance scale as `timestep_cond` (batch, dim);
+    none for other UNets."""
+    dim = unet.config.get("time_cond_proj_dim")
+    if dim is None:
+        return {}
+    w = torch.tensor(guidance_scale - 1).repeat(batch)
+    return {"timestep_cond": guidance_scale_embedding(w, dim).to(device, unet.dtype)}
 
 
 # ---- latents and timesteps -----------------------------------------------------------------------------
@@ -386,20 +317,3 @@ def run_step_callback(pipe, callback, names: Sequence[str], i: int, t, latents: 
     cond.prompt_embeds = outputs.get("prompt_embeds", cond.prompt_embeds)
     cond.negative_prompt_embeds = outputs.get("negative_prompt_embeds", cond.negative_prompt_embeds)
     return outputs.get("latents", latents)
-
-
-# ---- decoding ---------------------------------------------------------------------------------------------
-
-
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Latents (B, 4, h, w) -> images in [-1, 1] (B, 3, 8h, 8w)."""
-    latents = latents / vae.config.scaling_factor
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]  # (B, 3, H, W)
-    check_finite_images(images, vae)
-    return images
-
-
-def check_finite_images(images: torch.Tensor, vae, *, otherwise: str = "check the VAE's weights") -> None:
-    """The VAE decoded no NaN or inf (float16 overflows in some VAEs): raise NonFiniteResultError if it did."""
-    advice = arguments.precision_advice(vae.dtype, "the VAE", otherwise)
-    arguments.check_finite_result(images, stage="the VAE decoder", advice=advice)
