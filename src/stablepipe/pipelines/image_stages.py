@@ -1,7 +1,9 @@
 """The stages of the pipelines that start from an image, each written once.
 
-image -> `preprocess_image` -> `vae_codec.encode_images` -> (strength) `strength_timesteps` -> `noise_to_timestep`;
-mask -> `preprocess_mask` -> `mask_conditioning`; `mask_crop_region` / `paste_crop_back` for padding_mask_crop.
+image -> `preprocess_image` -> `vae_codec.encode_images` -> (strength) `strength_timesteps` -> `noise_to_timestep`
+(`strength_schedule` and `noised_image_latents` put those together for image-to-image and depth-to-image);
+mask -> `preprocess_mask` -> `mask_conditioning`; `mask_crop_region` / `paste_crop_back` for padding_mask_crop;
+`UNetExtras`: the mask / depth tensors the UNet reads beside the latents, shown to `callback_on_step_end`.
 Image-to-image, inpainting, depth-to-image, SDXL img2img / inpainting and the upscalers call these.
 
 The numbers match diffusers' `VaeImageProcessor` and its pipelines: same resizing (Lanczos for PIL images,
@@ -23,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, match_channels, pil_to_8bit, pil_to_pt, pil_to_rgb, to_unit_float
-from stablepipe.pipelines import vae_codec
+from stablepipe.pipelines import stages, vae_codec
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.random import Generator, randn_tensor
 
 logger = logging.getLogger("stablepipe")
@@ -43,6 +46,14 @@ def check_strength(strength: float, num_inference_steps: int | None = None) -> N
         raise ValueError(f"strength must be a number in [0, 1], got {strength!r}; e.g. 0.75 keeps the image's layout")
     if num_inference_steps is not None and isinstance(num_inference_steps, int):
         check_steps_left(min(int(num_inference_steps * strength), num_inference_steps), strength, num_inference_steps)
+
+
+def check_schedule(
+    num_inference_steps: int, strength: float, *, timesteps: list[int] | None = None, sigmas: list[float] | None = None
+) -> None:
+    """The step count (or a custom schedule) and a strength that leaves at least one of its steps."""
+    stages.check_steps(num_inference_steps, timesteps, sigmas)
+    check_strength(strength, None if timesteps or sigmas else num_inference_steps)
 
 
 def check_steps_left(steps_left: int, strength: float, num_inference_steps: int) -> None:
@@ -360,6 +371,28 @@ def strength_timesteps(scheduler, num_inference_steps: int, strength: float) -> 
     return scheduler.timesteps[start * scheduler.order :], num_inference_steps - start
 
 
+def strength_schedule(
+    scheduler, num_inference_steps: int, strength: float, device: torch.device, *,
+    timesteps: list[int] | None = None, sigmas: list[float] | None = None,
+) -> tuple[torch.Tensor, int]:  # fmt: skip
+    """The scheduler's timesteps (or the custom `timesteps` / `sigmas`), the first (1 - strength) of them
+    skipped; returns them and their step count."""
+    timesteps, num_inference_steps = stages.retrieve_timesteps(
+        scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+    )
+    return strength_timesteps(scheduler, num_inference_steps, strength)
+
+
+def noised_image_latents(
+    vae, scheduler, image: torch.Tensor, batch_size: int, timestep: torch.Tensor, *, generator: Generator,
+    dtype: torch.dtype, device: torch.device,
+) -> torch.Tensor:  # fmt: skip
+    """Image-to-image's starting latents (batch_size, C, h, w): `image` encoded (or given as latents), tiled to
+    the batch and noised to `timestep`."""
+    latents = image_latents_for_batch(vae, image, batch_size, generator=generator, dtype=dtype, device=device)
+    return noise_to_timestep(scheduler, latents, timestep, generator=generator)[0]
+
+
 def noise_to_timestep(
     scheduler, latents: torch.Tensor, timestep: torch.Tensor, *, generator: Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -431,13 +464,14 @@ def blend_known_region(
     return (1 - mask) * known + mask * latents
 
 
-# ---- callbacks --------------------------------------------------------------------------------------------
+# ---- what the UNet reads beside the latents -----------------------------------------------------------------
 
 
 @dataclasses.dataclass
 class UNetExtras:
-    """Named conditioning tensors (each (2B or B, c, h, w)) that `callback_on_step_end` may read and replace;
-    `concatenated` ones are joined, in order, into `Conditioning.extra_channels`."""
+    """Named conditioning tensors (each (2B or B, c, h, w)) that `callback_on_step_end` may read and replace
+    (diffusers' "mask", "masked_image_latents", "depth_mask" tensor inputs); `concatenated` ones are joined, in
+    order, into the UNet input (`Conditioning.extra_channels`)."""
 
     tensors: dict[str, torch.Tensor]
     concatenated: bool = True
@@ -445,20 +479,25 @@ class UNetExtras:
     def channels(self) -> torch.Tensor | None:
         return torch.cat(list(self.tensors.values()), dim=1) if self.concatenated else None
 
+    def shown_to(self, callback: Callable | None, cond: Conditioning) -> Callable | None:
+        """`callback_on_step_end` as `run_denoise` takes it, seeing these tensors among the ones it asked for;
+        the tensors it returns replace them, in `cond.extra_channels` too (latents and prompt embeddings are
+        the loop's own: `denoising.step_end_callback`)."""
+        if callback is None:
+            return None
 
-def callback_with_extras(callback: Callable | None, extras: UNetExtras, cond) -> Callable | None:
-    """Wrap `callback_on_step_end` so that it sees and may replace the extras (diffusers' "mask",
-    "masked_image_latents", "depth_mask" tensor inputs)."""
-    if callback is None:
-        return None
+        def with_extras(pipe, i: int, t: torch.Tensor, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            tensors.update({name: value for name, value in self.tensors.items() if name in tensors})
+            outputs = callback(pipe, i, t, tensors) or {}
+            replaced = {name: outputs[name] for name in self.tensors if name in outputs}
+            if replaced:
+                self.tensors.update(replaced)
+                cond.extra_channels = self.channels()
+            return outputs
 
-    def wrapped(pipe, i, t, tensors):
-        tensors.update({k: v for k, v in extras.tensors.items() if k in tensors})
-        outputs = callback(pipe, i, t, tensors) or {}
-        replaced = {k: outputs[k] for k in extras.tensors if k in outputs}
-        if replaced:
-            extras.tensors.update(replaced)
-            cond.extra_channels = extras.channels()
-        return outputs
+        return with_extras
 
-    return wrapped
+
+def callback_with_extras(callback: Callable | None, extras: UNetExtras, cond: Conditioning) -> Callable | None:
+    """Until SDXL inpainting calls `extras.shown_to(callback, cond)` itself."""
+    return extras.shown_to(callback, cond)

@@ -7,6 +7,7 @@ the known area is blended back in latent space after every step.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 from stablepipe.image import ImageInput
 from stablepipe.pipelines import arguments, image_stages, stages, vae_codec
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call
+from stablepipe.pipelines.denoising import Conditioning, StepHook
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -45,11 +47,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             feature_extractor=feature_extractor, image_encoder=image_encoder,
             requires_safety_checker=requires_safety_checker,
         )
-
-    @property
-    def inpainting_unet(self) -> bool:
-        """True for a 9-channel inpainting UNet, False for a plain 4-channel one."""
-        return self.unet.config.in_channels != self.vae.config.latent_channels
 
     @torch.no_grad()
     @arguments.checked_call
@@ -85,26 +82,23 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,
     ) -> StableDiffusionPipelineOutput:
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
         # 1. Check inputs
-        height, width = self.default_size(height, width)
-        batch = stages.prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
-        images, masks = self.check_inputs(
-            image, mask_image, masked_image_latents, height=height, width=width, strength=strength,
-            num_inference_steps=num_inference_steps, timesteps=timesteps, sigmas=sigmas, batch=batch,
-            generator=generator, padding_mask_crop=padding_mask_crop, output_type=output_type,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
         )
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
+        height, width = self.default_size(height, width)
+        image_stages.check_schedule(num_inference_steps, strength, timesteps=timesteps, sigmas=sigmas)
+        batch = stages.prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        inpaint = self.inpaint_stages()
+        images, masks = inpaint.check_inputs(
+            image, mask_image, masked_image_latents, height=height, width=width, batch=batch, generator=generator,
+            padding_mask_crop=padding_mask_crop, output_type=output_type, pipeline=type(self).__name__,
+        )
         # 2. Preprocess the image (B, 3, H, W) and the mask (B, 1, H, W), cropped to the masked region if asked
-        crop = None
-        if padding_mask_crop is not None:
-            crop = image_stages.mask_crop_region(masks[0], width, height, pad=padding_mask_crop)
-        size = dict(height=height, width=width, multiple=self.vae_scale_factor, crop=crop)
-        init_image = image_stages.preprocess_image(images, latent_channels=self.vae.config.latent_channels, **size)
-        mask = image_stages.preprocess_mask(masks, **size)
+        init_image, mask, crop = inpaint.preprocess(
+            images, masks, height=height, width=width, padding_mask_crop=padding_mask_crop
+        )
         # 3. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
@@ -112,60 +106,115 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
         )
         # 4. Timesteps, the first (1 - strength) of them skipped
-        timesteps, num_inference_steps = stages.retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        timesteps, num_inference_steps = image_stages.strength_schedule(
+            self.scheduler, num_inference_steps, strength, device, timesteps=timesteps, sigmas=sigmas
         )
-        timesteps, num_inference_steps = image_stages.strength_timesteps(self.scheduler, num_inference_steps, strength)
         # 5. Starting latents, the noise in them and (4-channel UNet) the image's clean latents
-        latents, noise, image_latents = self.start_latents(
+        latents, noise, image_latents = inpaint.start_latents(
             init_image, timesteps[:1], batch, strength=strength, latents=latents, generator=generator,
             dtype=prompt_embeds.dtype, height=height, width=width,
         )
         # 6. Mask and masked-image latents, at latent size
+        guided = self.do_classifier_free_guidance
+        extras = inpaint.mask_extras(
+            init_image, mask, masked_image_latents, batch, generator=generator, dtype=prompt_embeds.dtype, guided=guided
+        )
         unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
-        extras = self.mask_extras(init_image, mask, masked_image_latents, batch, generator=generator, cond=cond)
+        cond = Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs, extra_channels=extras.channels())
         # 7. Denoise (a 4-channel UNet gets the known area blended back after each step)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            after_step=None if self.inpainting_unet else self.blend_step(timesteps, extras, noise, image_latents, cond),
-            callback_on_step_end=image_stages.callback_with_extras(callback_on_step_end, extras, cond),
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback_on_step_end=extras.shown_to(callback_on_step_end, cond),
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            after_step=inpaint.blend_hooks(timesteps, extras, noise, image_latents, guided=guided),
         )
         # 8. Decode, check, convert; paste the crop back into the whole image
         output = self.finish(latents, output_type, return_dict=True)
-        if crop is not None:
-            output.images = image_stages.paste_crop_back(output.images, images[0], masks[0], crop)
+        output.images = paste_back(output.images, images, masks, crop)
         return output if return_dict else (output.images, output.nsfw_content_detected)
 
-    # ---- the stages that only inpainting has ------------------------------------------------------------------
+    def inpaint_stages(self) -> InpaintStages:
+        """Inpainting's stages on this pipeline's VAE, scheduler and UNet."""
+        return InpaintStages(self.vae, self.scheduler, self.unet, self.device)
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """True for a 9-channel inpainting UNet, False for a plain 4-channel one."""
+        return self.inpaint_stages().inpainting_unet
+
+    # ---- until SDXL inpainting calls InpaintStages itself (it inherits these) -----------------------------
+
+    def start_latents(self, init_image: torch.Tensor, timestep: torch.Tensor, batch: int, **kwargs):
+        return self.inpaint_stages().start_latents(init_image, timestep, batch, **kwargs)
+
+    def mask_extras(self, init_image, mask, masked_image_latents, batch: int, *, generator: Generator, cond):
+        extras = self.inpaint_stages().mask_extras(
+            init_image, mask, masked_image_latents, batch, generator=generator, dtype=cond.prompt_embeds.dtype,
+            guided=cond.guided,
+        )
+        cond.extra_channels = extras.channels()
+        return extras
+
+    def blend_step(self, timesteps, extras, noise, image_latents, cond) -> StepHook:
+        return self.inpaint_stages().blend_hooks(timesteps, extras, noise, image_latents, guided=cond.guided)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class InpaintStages:
+    """Inpainting's own stages on explicit models, shared by SD and SDXL inpainting: the input checks, the image
+    and mask preprocessing, the starting latents, the mask (and masked-image latents) the UNet reads, the blend
+    hook of a 4-channel UNet and the crop pasted back. SDXL wraps the VAE calls in its float32 upcast."""
+
+    vae: Any
+    scheduler: Any
+    unet: Any
+    device: torch.device
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """True for a 9-channel inpainting UNet, False for a plain 4-channel one."""
+        return self.unet.config.in_channels != self.vae.config.latent_channels
+
+    @property
+    def scale(self) -> int:
+        return vae_codec.scale_factor(self.vae)
 
     def check_inputs(
-        self, image, mask_image, masked_image_latents, *, height: int, width: int, strength: float,
-        num_inference_steps: int, timesteps, sigmas, batch: int, generator: Generator,
-        padding_mask_crop: int | None, output_type: str, callback_on_step_end_tensor_inputs: Sequence[str],
+        self, image, mask_image, masked_image_latents, *, height: int, width: int, batch: int, generator: Generator,
+        padding_mask_crop: int | None, output_type: str, pipeline: str, plain_unet_takes_latents: bool = False,
     ) -> tuple[image_stages.ImageBatch, image_stages.ImageBatch]:
-        """Every check that needs no model run; returns the image and mask as PIL images or tensors."""
-        stages.check_size(height, width, multiple=self.vae_scale_factor)
-        stages.check_steps(num_inference_steps, timesteps, sigmas)
-        image_stages.check_strength(strength, None if timesteps or sigmas else num_inference_steps)
-        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        """The checks that need no model run; returns the image (or latents) and the mask as PIL images or
+        tensors. `plain_unet_takes_latents`: a 4-channel UNet may start from latents without masked-image
+        latents (SDXL's refiner continuing the base's latents)."""
+        stages.check_size(height, width, multiple=self.scale)
         channels = self.vae.config.latent_channels
-        image_stages.check_unet_channels(self.unet, [2 * channels + 1, channels], type(self).__name__)
+        image_stages.check_unet_channels(self.unet, [2 * channels + 1, channels], pipeline)
         if isinstance(generator, list) and len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images; pass one or one per image")
         if padding_mask_crop is not None:
             check_padding_mask_crop(image, mask_image, padding_mask_crop, output_type)
         images = image_stages.load_images(image, latent_channels=channels)
         masks = image_stages.load_images(mask_image, kind="mask")
-        image_stages.check_mask_matches_image(masks, images, latent_channels=channels, scale=self.vae_scale_factor)
-        latent_size = (channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        image_stages.check_mask_matches_image(masks, images, latent_channels=channels, scale=self.scale)
         if masked_image_latents is not None:
-            check_masked_image_latents(masked_image_latents, latent_size)
+            check_masked_image_latents(masked_image_latents, (channels, height // self.scale, width // self.scale))
         elif isinstance(images, torch.Tensor) and images.shape[1] == channels:
-            raise ValueError("`image` was given as latents; pass `masked_image_latents` too (the mask needs pixels)")
+            if self.inpainting_unet or not plain_unet_takes_latents:
+                raise ValueError("`image` was given as latents; pass `masked_image_latents` too (masking needs pixels)")
         return images, masks
+
+    def preprocess(
+        self, images: image_stages.ImageBatch, masks: image_stages.ImageBatch, *, height: int, width: int,
+        padding_mask_crop: int | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, image_stages.Box | None]:
+        """The image (B, 3, H, W) in [-1, 1] (or latents), the mask (B, 1, H, W) and the crop box, both cropped
+        to the masked region first when `padding_mask_crop` asks (else the box is None)."""
+        crop = None
+        if padding_mask_crop is not None:
+            crop = image_stages.mask_crop_region(masks[0], width, height, pad=padding_mask_crop)
+        size = dict(height=height, width=width, multiple=self.scale, crop=crop)
+        init_image = image_stages.preprocess_image(images, latent_channels=self.vae.config.latent_channels, **size)
+        return init_image, image_stages.preprocess_mask(masks, **size), crop
 
     def start_latents(
         self, init_image: torch.Tensor, timestep: torch.Tensor, batch: int, *, strength: float,
@@ -179,7 +228,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             if image.shape[1] != channels:
                 image = vae_codec.encode_images(self.vae, image, generator=generator)
             image_latents = image_stages.repeat_to_batch(image, batch, what="images")
-        shape = (batch, channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        shape = (batch, channels, height // self.scale, width // self.scale)
         start, noise = image_stages.inpaint_start_latents(
             self.scheduler, shape, image_latents=image_latents, timestep=timestep, full_strength=strength == 1.0,
             generator=generator, latents=latents, dtype=dtype, device=self.device,
@@ -188,41 +237,49 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
 
     def mask_extras(
         self, init_image: torch.Tensor, mask: torch.Tensor, masked_image_latents: torch.Tensor | None, batch: int,
-        *, generator: Generator, cond: stages.Conditioning,
+        *, generator: Generator, dtype: torch.dtype, guided: bool,
     ) -> image_stages.UNetExtras:
-        """The mask (and, for an inpainting UNet, the masked image's latents) for the UNet and the callbacks."""
-        dtype, device = cond.prompt_embeds.dtype, self.device
-        latent_size = (mask.shape[2] // self.vae_scale_factor, mask.shape[3] // self.vae_scale_factor)
+        """The mask (and, for an inpainting UNet, the masked image's latents) at latent size, doubled when
+        `guided`, for the UNet (`extras.channels()`: (2B, 1 + 4, h, w) or None) and the callbacks."""
+        latent_size = (mask.shape[2] // self.scale, mask.shape[3] // self.scale)
         if masked_image_latents is None:
-            masked = (init_image * (mask < 0.5)).to(device=device, dtype=dtype)  # (B, 3, H, W), masked area 0
+            masked = (init_image * (mask < 0.5)).to(device=self.device, dtype=dtype)  # (B, 3, H, W), masked area 0
             if self.inpainting_unet:
                 masked_image_latents = vae_codec.encode_images(self.vae, masked, generator=generator)
             else:  # a 4-channel UNet does not use them, but diffusers draws their sample: keep the generator in step
-                vae_codec.skip_encoder_sample(self.vae, masked, generator=generator, scale=self.vae_scale_factor)
+                vae_codec.skip_encoder_sample(self.vae, masked, generator=generator, scale=self.scale)
         mask, masked_latents = image_stages.mask_conditioning(
-            mask, masked_image_latents, batch, latent_size=latent_size, dtype=dtype, device=device
+            mask, masked_image_latents, batch, latent_size=latent_size, dtype=dtype, device=self.device
         )
-        guided = cond.guided
         tensors = {"mask": image_stages.double_for_guidance(mask, guided)}
         if self.inpainting_unet:
             tensors["masked_image_latents"] = image_stages.double_for_guidance(masked_latents, guided)
-        extras = image_stages.UNetExtras(tensors, concatenated=self.inpainting_unet)
-        cond.extra_channels = extras.channels()  # (2B, 1 + 4, h, w) or None
-        return extras
+        return image_stages.UNetExtras(tensors, concatenated=self.inpainting_unet)
 
-    def blend_step(
+    def blend_hooks(
         self, timesteps: torch.Tensor, extras: image_stages.UNetExtras, noise: torch.Tensor,
-        image_latents: torch.Tensor, cond: stages.Conditioning,
-    ) -> stages.StepHook:
-        """After each step of a 4-channel UNet: the known area back from the image, noised to the next step."""
+        image_latents: torch.Tensor | None, *, guided: bool,
+    ) -> tuple[StepHook, ...]:
+        """`run_denoise`'s `after_step` hooks: for a 4-channel UNet, the known area back from the image after
+        each step, noised to the next timestep (the mask is read each step: a callback may replace it); none
+        for an inpainting UNet."""
+        if self.inpainting_unet:
+            return ()
 
         def blend(i: int, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
             mask = extras.tensors["mask"]
-            mask = mask.chunk(2)[0] if cond.guided else mask  # (B, 1, h, w)
+            mask = mask.chunk(2)[0] if guided else mask  # (B, 1, h, w)
             upcoming = timesteps[i + 1 : i + 2] if i < len(timesteps) - 1 else None
             return image_stages.blend_known_region(self.scheduler, latents, mask, image_latents, noise, upcoming)
 
-        return blend
+        return (blend,)
+
+
+def paste_back(
+    generated: list, images: image_stages.ImageBatch, masks: image_stages.ImageBatch, crop: image_stages.Box | None
+) -> list:
+    """The generated images, pasted back into the whole image where `padding_mask_crop` cropped it."""
+    return generated if crop is None else image_stages.paste_crop_back(generated, images[0], masks[0], crop)
 
 
 def check_padding_mask_crop(image, mask_image, padding_mask_crop, output_type: str) -> None:
