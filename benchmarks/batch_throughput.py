@@ -61,13 +61,13 @@ def run_batch_command(texts: list[str], flags: list[str], out: Path, batch_size:
 def run_in_process(texts: list[str], args: argparse.Namespace) -> tuple[float, float]:
     """Seconds for the N images one per call, then `batch_size` per call, on one loaded pipeline."""
     from stablepipe.batching import ImageRequest, group_requests, run_batch
-    from stablepipe.cli.common import load_pipeline
+    from stablepipe.model_flags import load_pipeline_from_flags
     from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
 
     flags = argparse.Namespace(model=args.model, variant=None, revision=None, device="cpu", dtype=args.dtype,
                                no_safety_checker=True, config=None, lora=[], embedding=[], prompt_weighting=False,
                                scheduler=None, quiet=True, json=False, clip_skip=None)
-    pipe = load_pipeline(StableDiffusionPipeline, flags, lambda message: None)
+    pipe = load_pipeline_from_flags(StableDiffusionPipeline, flags, lambda message: None)
     height, width = pipe.default_size(None, None)
     requests = [ImageRequest("txt2img", t, seed=s, width=width, height=height, steps=args.steps, guidance=7.5)
                 for s, t in enumerate(texts)]

@@ -17,8 +17,8 @@ from PIL.PngImagePlugin import PngInfo
 
 from stablepipe.builtin import DEMO_PROMPT
 from stablepipe.cli import main
-from stablepipe.cli.common import output_paths
 from stablepipe.infotext import model_hash, parse_infotext
+from stablepipe.output_files import output_paths
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,7 @@ def test_model_dtype_and_config(sd1_folder):
 def test_safetensors_reader_matches_the_library_and_converts_floats_only(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from stablepipe.loading.files import read_safetensors, safetensors_metadata
+    from stablepipe.loading.checkpoint import read_safetensors_state, safetensors_metadata
 
     g = torch.Generator().manual_seed(0)
     tensors = {
@@ -135,11 +135,11 @@ def test_safetensors_reader_matches_the_library_and_converts_floats_only(tmp_pat
     path = tmp_path / "w.safetensors"
     save_file(tensors, str(path), metadata={"format": "pt", "ss_steps": "12"})
     expected = load_file(str(path))
-    got = read_safetensors(path)
+    got = read_safetensors_state(path)
     assert got.keys() == expected.keys()
     for name, tensor in expected.items():
         assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape and torch.equal(got[name], tensor)
-    converted = read_safetensors(path, torch.bfloat16)
+    converted = read_safetensors_state(path, torch.bfloat16)
     assert {k for k, v in converted.items() if v.dtype == torch.bfloat16} == {
         "f32", "f16", "bf16", "f64", "empty", "scalar"}
     assert converted["i64"].dtype == torch.int64 and torch.equal(converted["f32"], tensors["f32"].bfloat16())

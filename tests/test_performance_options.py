@@ -282,16 +282,16 @@ def test_fast_dtype_follows_the_hardware(monkeypatch):
 def test_cli_auto_dtype_is_the_fast_path(sd1_folder):
     import argparse
 
-    from stablepipe.cli.common import load_pipeline, pick_device_and_dtype
+    from stablepipe.model_flags import load_pipeline_from_flags, pick_device_and_dtype
 
     assert pick_device_and_dtype("cpu", "auto") == (torch.device("cpu"), memory.fast_dtype("cpu"))
     assert pick_device_and_dtype("cpu", "float32")[1] == torch.float32
     flags = dict(model=str(sd1_folder), variant=None, revision=None, device="cpu", no_safety_checker=True,
                  scheduler=None, quiet=True, json=False)  # fmt: skip
-    fast = load_pipeline(StableDiffusionPipeline, argparse.Namespace(**flags, dtype="auto"), print)
+    fast = load_pipeline_from_flags(StableDiffusionPipeline, argparse.Namespace(**flags, dtype="auto"), print)
     assert fast.unet.dtype == memory.fast_dtype("cpu")
     assert fast.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    plain = load_pipeline(StableDiffusionPipeline, argparse.Namespace(**flags, dtype="float32"), print)
+    plain = load_pipeline_from_flags(StableDiffusionPipeline, argparse.Namespace(**flags, dtype="float32"), print)
     assert plain.unet.dtype == torch.float32 and plain.unet.conv_in.weight.is_contiguous()
 
 

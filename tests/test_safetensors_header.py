@@ -20,8 +20,14 @@ from hypothesis import strategies as st
 
 import stablepipe
 from stablepipe.loading import single_file
-from stablepipe.loading.checkpoint import CheckpointError, checkpoint_keys, read_checkpoint
-from stablepipe.loading.files import SAFETENSORS_DTYPES, load_state_dict, read_safetensors
+from stablepipe.loading.checkpoint import (
+    SAFETENSORS_DTYPES,
+    CheckpointError,
+    checkpoint_keys,
+    read_checkpoint,
+    read_safetensors_state,
+)
+from stablepipe.loading.files import load_state_dict
 from stablepipe.loading.lora import read_lora_file
 from stablepipe.loading.textual_inversion import read_embedding_file
 
@@ -70,7 +76,7 @@ def read_embedding(path: Path) -> None:
 
 
 READERS = {  # every path a safetensors file takes into stablepipe
-    "read_safetensors": (read_safetensors, CheckpointError),
+    "read_safetensors_state": (read_safetensors_state, CheckpointError),
     "read_checkpoint": (read_checkpoint, CheckpointError),
     "checkpoint_keys": (checkpoint_keys, CheckpointError),
     "load_state_dict (folders)": (lambda p: load_state_dict([p]), OSError),
@@ -112,7 +118,7 @@ CASES = [  # header -> what the error says
 def test_each_inconsistent_header_is_named(tmp_path, header, message):
     path = write_raw(tmp_path / "w.safetensors", json.dumps(header).encode(), b"\x00" * 16)
     with pytest.raises(CheckpointError, match="w.safetensors is not a readable safetensors file") as info:
-        read_safetensors(path)
+        read_safetensors_state(path)
     assert message in str(info.value)
 
 
@@ -120,13 +126,13 @@ def test_header_length_and_json_are_checked(tmp_path):
     path = tmp_path / "w.safetensors"
     path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     with pytest.raises(CheckpointError, match="header length 1000000000000 is not plausible for a file of 10 bytes"):
-        read_safetensors(path)
+        read_safetensors_state(path)
     write_raw(path, b'{"a": ')
     with pytest.raises(CheckpointError, match="header is not valid JSON"):
-        read_safetensors(path)
+        read_safetensors_state(path)
     write_raw(path, b"\xff\xfe{}")
     with pytest.raises(CheckpointError, match="header is not valid JSON"):
-        read_safetensors(path)
+        read_safetensors_state(path)
 
 
 # ---- property tests --------------------------------------------------------------------------------------------
@@ -156,7 +162,7 @@ def test_random_headers_never_allocate_beyond_the_file_nor_raise_raw_errors(tmp_
     raw = json.dumps(header).encode()
     path = tmp_path / "random.safetensors"
     path.write_bytes(struct.pack("<Q", max(0, len(raw) + declared_extra)) + raw + b"\x01" * data_size)
-    peak, raised = peak_bytes(read_safetensors, path)
+    peak, raised = peak_bytes(read_safetensors_state, path)
     assert raised is None or isinstance(raised, CheckpointError), repr(raised)
     assert peak < path.stat().st_size + SLACK
 
@@ -166,7 +172,7 @@ def test_random_headers_never_allocate_beyond_the_file_nor_raise_raw_errors(tmp_
 def test_random_bytes_are_refused_cleanly(tmp_path, data):
     path = tmp_path / "noise.safetensors"
     path.write_bytes(data)
-    peak, raised = peak_bytes(read_safetensors, path)
+    peak, raised = peak_bytes(read_safetensors_state, path)
     assert raised is None or isinstance(raised, CheckpointError), repr(raised)
     assert peak < len(data) + SLACK
 
@@ -185,7 +191,7 @@ def test_valid_files_read_back_as_the_library_wrote_them(tmp_path, shapes):
                .reshape(shape).to(kind) for name, (kind, shape) in shapes.items()}
     path = tmp_path / "valid.safetensors"
     save_file(tensors, str(path))
-    got = read_safetensors(path)
+    got = read_safetensors_state(path)
     assert set(got) == set(tensors)
     for name, tensor in tensors.items():
         assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape and torch.equal(got[name], tensor)

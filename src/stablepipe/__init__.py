@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+from stablepipe.version import __version__ as __version__
 
 # Public name -> module that defines it. Imported on first use, so `import stablepipe` stays cheap.
 _EXPORTS = {

@@ -243,7 +243,7 @@ def model_name(source: str | os.PathLike) -> str:
 def local_model_hash(source: str | os.PathLike) -> str | None:
     """`model_hash` of a model file, folder or Hub repo in the local cache (hashes kept in the stablepipe cache's
     hashes.json); None where there is no local copy."""
-    from stablepipe.builtin import cache_dir
+    from stablepipe.cache import cache_dir
     from stablepipe.loading.files import fetch_file
 
     try:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from stablepipe.batch.jobs import BatchJob
-from stablepipe.cli.common import call_default
 from stablepipe.infotext import format_infotext
+from stablepipe.model_flags import call_default
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class ModelOptions:
     prompt_weighting: bool = False
 
     def namespace(self, model: str | None) -> argparse.Namespace:
-        """The flags as `stablepipe.cli.common.load_pipeline` reads them, for `model`."""
+        """The flags as `stablepipe.model_flags.load_pipeline_from_flags` reads them, for `model`."""
         return argparse.Namespace(**{**dataclasses.asdict(self), "model": model, "lora": list(self.lora),
                                      "embedding": list(self.embedding), "scheduler": None, "quiet": True,
                                      "json": False, "clip_skip": None})
@@ -62,19 +62,20 @@ class Pipelines:
         return self.loaded[task]
 
     def load(self, task: str) -> Any:
-        from stablepipe.cli.common import load_pipeline
+        from stablepipe.model_flags import load_pipeline_from_flags
         from stablepipe.pipelines.img2img import StableDiffusionImg2ImgPipeline
         from stablepipe.pipelines.inpaint import StableDiffusionInpaintPipeline
         from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
         from stablepipe.pipelines.upscale import StableDiffusionUpscalePipeline
 
         if task == "upscale":
-            from stablepipe.cli.upscale import builtin_upscaler_path
+            from stablepipe.builtin import builtin_upscaler_path
 
             upscaler = self.options.upscaler or str(builtin_upscaler_path("x4"))
-            return load_pipeline(StableDiffusionUpscalePipeline, self.options.namespace(upscaler), self.say)
+            return load_pipeline_from_flags(StableDiffusionUpscalePipeline, self.options.namespace(upscaler), self.say)
         if task == "txt2img":
-            return load_pipeline(StableDiffusionPipeline, self.options.namespace(self.options.model), self.say)
+            flags = self.options.namespace(self.options.model)
+            return load_pipeline_from_flags(StableDiffusionPipeline, flags, self.say)
         base = self("txt2img")
         cls = StableDiffusionImg2ImgPipeline if task == "img2img" else StableDiffusionInpaintPipeline
         pipe = cls(**base.components, **base.config)
@@ -83,8 +84,8 @@ class Pipelines:
 
     def model_settings(self, task: str) -> dict[str, Any]:
         """Model, Model hash and the A1111 sampler names of the task's pipeline, as `generate` records them."""
-        from stablepipe.cli.common import model_settings
         from stablepipe.infotext import model_name
+        from stablepipe.model_flags import model_settings
 
         if task not in self.settings:
             source = self.options.upscaler if task == "upscale" else self.options.model

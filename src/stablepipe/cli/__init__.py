@@ -87,7 +87,7 @@ def run_command(args: argparse.Namespace, say):
         apply_png(args, say)
     check_size_flags(args)
     if hasattr(args, "overwrite") and hasattr(args, "num_images"):  # an existing --out is refused before any work
-        from stablepipe.cli.common import output_paths
+        from stablepipe.output_files import output_paths
 
         output_paths(args.out, [0] * max(args.num_images, 1), overwrite=args.overwrite)
     if hasattr(args, "prompt") and args.prompt is None:

@@ -1,12 +1,18 @@
-"""What every `stablepipe` subcommand shares: flags, loading, seeds, writing PNGs with their settings."""
+"""What every `stablepipe` subcommand shares: flags, seeds, writing PNGs with their settings.
+
+Loading the pipeline the model flags name is `stablepipe.model_flags` (batch jobs use it too); writing files
+without replacing one by surprise is `stablepipe.output_files` (the web app uses it too).
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 from typing import Any
+
+from stablepipe.model_flags import call_default, lora_hashes, model_settings
+from stablepipe.output_files import output_paths, save_png
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -20,7 +26,7 @@ class UsageError(Exception):
 
 def add_model_flags(parser: argparse.ArgumentParser, *, model_files: bool = True) -> None:
     """--model and how to load it; with `model_files`, also --config (single files), --lora, --embedding and
-    --prompt-weighting (the commands that load one pipeline through `load_pipeline`)."""
+    --prompt-weighting (the commands that load one pipeline through `model_flags.load_pipeline_from_flags`)."""
     group = parser.add_argument_group("model")
     group.add_argument("--model", help="Hub repo id, local diffusers folder, or single .safetensors/.ckpt file "
                                         "(default: the built-in model)")
@@ -108,118 +114,7 @@ def resize_to_flags(image, args: argparse.Namespace):
     return image if size == image.size else image.resize(size, resample=PIL.Image.Resampling.LANCZOS)
 
 
-# ---- running -----------------------------------------------------------------------------------------------
-
-
-def cached_folder(name: str, build) -> Path:
-    """The folder `name` in the stablepipe cache, made by `build(folder)` on first use (built in a staging
-    folder and renamed, so a half-built model is never found; a concurrent builder's result wins)."""
-    import os
-    import shutil
-
-    from stablepipe.builtin import cache_dir
-
-    folder = cache_dir() / name
-    if not (folder / "model_index.json").is_file():
-        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        build(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process built it first
-            shutil.rmtree(staging, ignore_errors=True)
-    return folder
-
-
-def pick_device_and_dtype(device: str, dtype: str):
-    import torch
-
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    checked = check_device(device)
-    if dtype == "auto":  # bfloat16 on CPUs with native bfloat16, float16 on CUDA (pipelines/memory.py)
-        from stablepipe.pipelines.memory import fast_dtype
-
-        return checked, fast_dtype(device)
-    return checked, getattr(torch, dtype)
-
-
-def check_device(device: str):
-    """--device as a torch.device this machine has, or a UsageError saying what it has."""
-    import torch
-
-    try:
-        checked = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device name; use auto, cpu, cuda, cuda:1, mps ...") from None
-    kind = checked.type
-    backend = torch.backends.mps if kind == "mps" else getattr(torch, kind, None)
-    if kind != "cpu" and not (backend is not None and hasattr(backend, "is_available") and backend.is_available()):
-        no_cuda = kind == "cuda" and not torch.version.cuda
-        built = f" (this torch {torch.__version__} is built without CUDA)" if no_cuda else ""
-        raise UsageError(f"--device {device}: no {kind} device is available here{built}; use --device cpu")
-    if kind == "cuda" and checked.index is not None and checked.index >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                         f"numbered from 0")
-    return checked
-
-
-def load_pipeline(cls, args: argparse.Namespace, say) -> Any:
-    """The pipeline named by --model, or the built-in tiny one, on --device in --dtype."""
-    import torch
-    import transformers
-
-    from stablepipe.builtin import builtin_model_note, builtin_model_path
-
-    transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
-    model = args.model
-    if model is None:
-        say(f"No --model given: using {builtin_model_note()}.")
-        model = builtin_model_path()
-    device, dtype = pick_device_and_dtype(args.device, args.dtype)
-    extra = {}
-    if args.no_safety_checker and "safety_checker" in cls.component_names():  # SDXL has none
-        extra["safety_checker"] = None
-        if "requires_safety_checker" in cls._config_keys:  # depth2img and the upscalers have no such setting
-            extra["requires_safety_checker"] = False
-    if is_single_file(model):
-        if args.variant:
-            raise UsageError("--variant is for diffusers folders and Hub repos, not single files")
-        config = getattr(args, "config", None)
-        pipe = cls.from_single_file(model, config=config, torch_dtype=dtype, revision=args.revision, **extra)
-    elif getattr(args, "config", None):
-        raise UsageError("--config describes a single-file --model (.safetensors / .ckpt); drop it for folders")
-    else:
-        pipe = cls.from_pretrained(model, torch_dtype=dtype, variant=args.variant, revision=args.revision, **extra)
-    add_adapters(pipe, args)
-    set_scheduler(pipe, args)
-    check_clip_skip(pipe, getattr(args, "clip_skip", None))
-    pipe.loaded_from = model  # what the PNGs' Model and Model hash name
-    pipe.set_progress_bar_config(disable=args.quiet or args.json)
-    pipe.to(device)
-    if args.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
-        pipe.enable_channels_last()  # the CPU fast path (benchmarks/RESULTS.md: float32 gains less, costs memory)
-    return pipe
-
-
-def set_scheduler(pipe, args: argparse.Namespace) -> None:
-    """--scheduler by name; else the sampler of a --from-png file, unless the model's own already is it."""
-    from stablepipe.schedulers.names import a1111_names_of, scheduler_from_a1111, scheduler_from_name
-
-    if getattr(args, "scheduler", None):
-        pipe.scheduler = scheduler_from_name(args.scheduler, pipe.scheduler.config)
-    elif getattr(args, "png_sampler", None) and tuple(args.png_sampler) != a1111_names_of(pipe.scheduler):
-        pipe.scheduler = scheduler_from_a1111(*args.png_sampler, pipe.scheduler.config)
-
-
-def check_clip_skip(pipe, clip_skip: int | None) -> None:
-    """--clip-skip within the text encoder's layers (0 .. layers - 1)."""
-    encoder = getattr(pipe, "text_encoder", None) or getattr(pipe, "text_encoder_2", None)
-    if clip_skip is None or encoder is None:
-        return
-    layers = encoder.config.num_hidden_layers
-    if not 0 <= clip_skip < layers:
-        raise UsageError(f"--clip-skip {clip_skip}: this text encoder has {layers} layers, so skip 0 to "
-                         f"{layers - 1} of them (AUTOMATIC1111's 'Clip skip 2' is --clip-skip 1)")
+# ---- checks, seeds, settings -----------------------------------------------------------------------------------
 
 
 MAX_SIDE = 8192  # pixels: far beyond what the models were trained at; larger sides only exhaust memory
@@ -232,41 +127,6 @@ def check_size_flags(args: argparse.Namespace) -> None:
         if value is not None and not 8 <= value <= MAX_SIDE:
             raise UsageError(f"--{flag} {value}: give 8 to {MAX_SIDE} pixels, a multiple of 8 (the model's own "
                              "size, e.g. 512, draws best)")
-
-
-def is_single_file(model: str | Path) -> bool:
-    """A .safetensors / .ckpt / .pt / .bin file, local or a Hub file URL, rather than a folder or repo id."""
-    text = str(model)
-    return text.lower().endswith((".safetensors", ".ckpt", ".pt", ".pth", ".bin")) and not Path(text).is_dir()
-
-
-def split_option(value: str, flag: str) -> tuple[str, str | None]:
-    """"path:extra" -> (path, extra); a Windows drive letter or a URL scheme is not taken for the separator."""
-    head, sep, tail = value.rpartition(":")
-    if not sep or not head or "/" in tail or "\\" in tail or len(head) == 1:
-        return value, None
-    if not tail:
-        raise UsageError(f"{flag} {value!r}: nothing after ':'")
-    return head, tail
-
-
-def add_adapters(pipe, args: argparse.Namespace) -> None:
-    """--lora, --embedding and --prompt-weighting on a loaded pipeline."""
-    names, scales = [], []
-    for i, value in enumerate(getattr(args, "lora", [])):
-        source, scale = split_option(value, "--lora")
-        try:
-            scales.append(float(scale) if scale is not None else 1.0)
-        except ValueError:
-            raise UsageError(f"--lora {value!r}: the scale after ':' must be a number, e.g. {source}:0.8") from None
-        names.append(f"lora_{i}")
-        pipe.load_lora_weights(source, adapter_name=names[-1])
-    if names:
-        pipe.set_adapters(names, scales)
-    for value in getattr(args, "embedding", []):
-        source, token = split_option(value, "--embedding")
-        pipe.load_textual_inversion(source, token=token)
-    pipe.prompt_weighting = bool(getattr(args, "prompt_weighting", False))
 
 
 MAX_SEED = 2**64 - 1  # what torch.Generator.manual_seed takes (A1111's seeds are 32-bit, well within)
@@ -294,109 +154,6 @@ def generation_kwargs(args: argparse.Namespace, seeds: list[int]) -> dict[str, A
         "num_images_per_prompt": len(seeds),
     }
     return {k: v for k, v in kwargs.items() if v is not None}
-
-
-def output_paths(out: str, seeds: list[int], suffix: str = "", *, overwrite: bool = False,
-                 companions: tuple[str, ...] = ()) -> list[Path]:
-    """Where each image goes. `--out x.png`: x.png for one image (refused if it exists, unless `overwrite`),
-    x-N.png for several, N counting from the first number free. A folder: NNNNN-SEED.png, numbered from one past
-    the highest number there (A1111's scheme), so a name is never reused. `companions`: the suffixes of the
-    files written beside each image (e.g. "-depth"), which must be free too."""
-    from stablepipe.cli.files import free_numbered_names, refuse_existing
-
-    target = Path(out)
-    if target.suffix.lower() == ".png":
-        if len(seeds) == 1:
-            paths = [target.with_name(target.stem + suffix + end + ".png") for end in ("", *companions)]
-            for path in paths:
-                refuse_existing(path, overwrite=overwrite)
-            return paths[:1]
-        if overwrite:
-            return [target.with_name(f"{target.stem}-{i}{suffix}.png") for i in range(len(seeds))]
-        return free_indexed_names(target, suffix, len(seeds), companions)
-    if target.exists() and not target.is_dir():
-        raise UsageError(f"--out {target}: that is a file, not a folder; give a folder or a .png name")
-
-    def names(number: int) -> list[str]:
-        return [f"{number:05d}-{seeds[0]}{suffix}{end}.png" for end in ("", *companions)]
-
-    first = free_numbered_names(target, names, 1)[0]
-    number = int(first.name.split("-")[0])
-    return [target / f"{number + i:05d}-{seed}{suffix}.png" for i, seed in enumerate(seeds)]
-
-
-def free_indexed_names(target: Path, suffix: str, count: int, companions: tuple[str, ...]) -> list[Path]:
-    """`count` names STEM-N.png from the lowest N at which all of them (and their companions) are free."""
-    start = 0
-    while True:
-        paths = [target.with_name(f"{target.stem}-{start + i}{suffix}.png") for i in range(count)]
-        if not any(p.with_name(p.stem + end + ".png").exists() for p in paths for end in ("", *companions)):
-            return paths
-        start += 1
-
-
-def png_info(settings: dict[str, Any]):
-    """The PNG text chunks of one image: `parameters` (A1111's infotext) and `stablepipe` (the settings as JSON)."""
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    info.add_text("parameters", infotext_of(settings))
-    info.add_text("stablepipe", json.dumps(settings))
-    return info
-
-
-def infotext_of(settings: dict[str, Any]) -> str:
-    """A1111's infotext of one image from stablepipe's settings (as `write_images` and the web app record them)."""
-    from stablepipe.infotext import a1111_params, format_infotext, model_name
-
-    loras, model = settings.get("lora_hashes"), settings.get("model")
-    params = a1111_params(
-        steps=settings["steps"], sampler=settings["sampler"], schedule_type=settings.get("schedule_type"),
-        cfg_scale=settings["guidance"], seed=settings["seed"], width=settings["width"], height=settings["height"],
-        model_hash=settings.get("model_hash"), model=model_name(model) if model else None,
-        denoising_strength=settings.get("strength"), clip_skip=settings.get("clip_skip"), lora_hashes=loras,
-    )
-    return format_infotext(settings.get("prompt") or "", settings.get("negative_prompt"), params)
-
-
-def save_png(image, path: Path, settings: dict[str, Any], *, overwrite: bool = False) -> None:
-    """Write a PNG with its settings as text chunks (see `png_info`), atomically; an existing `path` is refused
-    unless `overwrite`."""
-    from stablepipe.cli.files import write_atomically
-
-    info = png_info(settings)
-    write_atomically(Path(path), lambda staging: image.save(staging, format="PNG", pnginfo=info), overwrite=overwrite)
-
-
-def call_default(pipe, name: str) -> Any:
-    """The default of the pipeline's `__call__` argument `name` (e.g. its steps and guidance), or None."""
-    import inspect
-
-    parameter = inspect.signature(pipe.__call__).parameters.get(name)
-    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
-
-
-def model_settings(pipe, source: str | None) -> dict[str, Any]:
-    """Model (as given), Model hash (see `local_model_hash`) and the A1111 sampler names of the scheduler."""
-    from stablepipe.infotext import local_model_hash
-    from stablepipe.schedulers.names import a1111_names_of
-
-    sampler, schedule = a1111_names_of(pipe.scheduler)
-    loaded = getattr(pipe, "loaded_from", None) or source
-    return {"model": str(source or "builtin"), "model_hash": local_model_hash(loaded) if loaded else None,
-            "sampler": sampler, "schedule_type": schedule}
-
-
-def lora_hashes(loras: list[str]) -> dict[str, str]:
-    """{name: A1111's short hash} of the local --lora files (as A1111 names a LoRA: its file name)."""
-    from stablepipe.infotext import lora_hash
-
-    found = {}
-    for value in loras:
-        path = Path(split_option(value, "--lora")[0])
-        if path.is_file():
-            found[path.stem] = lora_hash(path)
-    return found
 
 
 def write_images(

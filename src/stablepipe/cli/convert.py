@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from stablepipe.cli.common import DTYPES, UsageError
-
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".sft")
+from stablepipe.loading.components import SINGLE_FILE_SUFFIXES
 
 
 def register(commands) -> None:
@@ -40,8 +39,8 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     if source.is_dir() and (source / "model_index.json").is_file():
         if target.suffix.lower() not in SINGLE_FILE_SUFFIXES:
             raise UsageError(f"the target of a folder -> file conversion must end in .safetensors or .ckpt: {target}")
-        from stablepipe.cli.files import refuse_existing, write_atomically
         from stablepipe.loading.single_file import save_single_file
+        from stablepipe.output_files import refuse_existing, write_atomically
 
         refuse_existing(target, overwrite=args.overwrite, flag="target")
         check_writable(target)
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
 
 
 def file_to_folder(source: Path, target: Path, args: argparse.Namespace, dtype, say) -> dict[str, Any]:
-    from stablepipe.cli.files import staged_folder
+    from stablepipe.output_files import staged_folder
     from stablepipe.pipelines.base import DiffusionPipeline
 
     if target.exists() and (not target.is_dir() or any(target.iterdir())) and not args.overwrite:

@@ -11,13 +11,13 @@ from stablepipe.cli.common import (
     add_image_flags,
     add_model_flags,
     add_output_flags,
-    load_pipeline,
     open_image_file,
     resize_to_flags,
     seeds_for,
     write_images,
 )
 from stablepipe.cli.img2img import image_kwargs
+from stablepipe.model_flags import load_pipeline_from_flags
 
 DEPTH_MODEL = "stabilityai/stable-diffusion-2-depth"
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     if args.depth_map:
         kwargs["depth_map"] = open_image_file(args.depth_map, flag="--depth-map")
     model_args = argparse.Namespace(**{**vars(args), "no_safety_checker": False})  # depth2img has no checker
-    pipe = load_pipeline(StableDiffusionDepth2ImgPipeline, model_args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionDepth2ImgPipeline, model_args, say)
     result = pipe(args.prompt, image=image, **kwargs)
     extra = {"image": args.image, "depth_map": args.depth_map, "strength": kwargs.get("strength", 0.8)}
     return write_images(result.images, args, seeds, pipe, extra=extra)

@@ -86,8 +86,8 @@ def check_sampler(path: str, sampler: str, schedule: str) -> tuple[str, str]:
 def model_difference(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, str]:
     """{'Model hash': ...} when the file's model hash is not the hash of the model this command loads."""
     from stablepipe.builtin import builtin_model_path
-    from stablepipe.cli.common import is_single_file
     from stablepipe.infotext import local_model_hash
+    from stablepipe.model_flags import is_single_file
 
     wanted = settings.get("model_hash")
     if not wanted or getattr(args, "command", None) != "generate":

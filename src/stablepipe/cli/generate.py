@@ -11,11 +11,11 @@ from stablepipe.cli.common import (
     add_model_flags,
     add_output_flags,
     generation_kwargs,
-    load_pipeline,
     seeds_for,
     write_images,
 )
 from stablepipe.cli.sdxl import add_refiner_flags, run_sdxl, wants_sdxl
+from stablepipe.model_flags import load_pipeline_from_flags
 
 SAFETY_LEVELS = ("WEAK", "MEDIUM", "STRONG", "MAX")  # stablepipe.pipelines.safe.SafetyConfig's presets
 
@@ -42,7 +42,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
         return run_sdxl(args, say, seeds)
     if args.safe or args.safety_concept:
         return run_safe(args, say, seeds)
-    pipe = load_pipeline(StableDiffusionPipeline, args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionPipeline, args, say)
     result = pipe(args.prompt, **generation_kwargs(args, seeds))
     return write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected)
 
@@ -53,7 +53,7 @@ def run_safe(args: argparse.Namespace, say, seeds: list[int]) -> dict[str, Any]:
 
     if not args.safe:
         raise UsageError("--safety-concept needs --safe LEVEL (WEAK, MEDIUM, STRONG or MAX)")
-    pipe = load_pipeline(StableDiffusionPipelineSafe, args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionPipelineSafe, args, say)
     if args.safety_concept:
         pipe.safety_concept = args.safety_concept
     result = pipe(args.prompt, **generation_kwargs(args, seeds), **SafetyConfig.preset(args.safe))

@@ -11,12 +11,12 @@ from stablepipe.cli.common import (
     add_model_flags,
     add_output_flags,
     generation_kwargs,
-    load_pipeline,
     open_image_file,
     resize_to_flags,
     seeds_for,
     write_images,
 )
+from stablepipe.model_flags import load_pipeline_from_flags
 
 
 def register(commands) -> None:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     seeds = seeds_for(args)
     kwargs = image_kwargs(args, seeds)
     image = resize_to_flags(open_image_file(args.image), args)
-    pipe = load_pipeline(StableDiffusionImg2ImgPipeline, args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionImg2ImgPipeline, args, say)
     result = pipe(args.prompt, image=image, **kwargs)
     extra = {"image": args.image, "strength": kwargs.get("strength", 0.8)}
     return write_images(result.images, args, seeds, pipe, flags=result.nsfw_content_detected, extra=extra)

@@ -10,12 +10,12 @@ from stablepipe.cli.common import (
     add_image_flags,
     add_model_flags,
     add_output_flags,
-    load_pipeline,
     open_image_file,
     seeds_for,
     write_images,
 )
 from stablepipe.cli.img2img import image_kwargs
+from stablepipe.model_flags import load_pipeline_from_flags
 
 
 def register(commands) -> None:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     check_size(height, width)
     if args.padding_mask_crop is not None:
         kwargs["padding_mask_crop"] = args.padding_mask_crop
-    pipe = load_pipeline(StableDiffusionInpaintPipeline, args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionInpaintPipeline, args, say)
     result = pipe(args.prompt, image=image, mask_image=mask, height=height, width=width, **kwargs)
     extra = {"image": args.image, "mask": args.mask, "strength": kwargs.get("strength", 1.0),
              "padding_mask_crop": args.padding_mask_crop}

@@ -12,21 +12,19 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from stablepipe.builtin import builtin_ldm3d_path, builtin_ldm3d_sr_path
 from stablepipe.cli.common import (
     UsageError,
     add_generation_flags,
     add_model_flags,
     add_output_flags,
-    cached_folder,
     generation_kwargs,
-    load_pipeline,
     open_image_file,
-    save_png,
     seeds_for,
     write_images,
 )
-
-BUILTIN_NAMES = {"ldm3d": "builtin-tiny-ldm3d-v1", "sr": "builtin-tiny-ldm3d-sr-v1"}
+from stablepipe.model_flags import load_pipeline_from_flags
+from stablepipe.output_files import save_png
 
 
 def register(commands) -> None:
@@ -45,53 +43,7 @@ def register(commands) -> None:
     parser.set_defaults(run=run)
 
 
-# ---- the built-in tiny LDM3D models (random weights) ----------------------------------------------------------
-
-
-def build_builtin_ldm3d(folder: Path, *, seed: int = 0) -> Path:
-    """The tiny random model with a VAE that decodes RGB + depth (the Intel/ldm3d-4c layout)."""
-    import torch
-
-    from stablepipe.builtin import TINY_VAE, random_model_path
-    from stablepipe.models.vae import AutoencoderKL
-    from stablepipe.pipelines.ldm3d import StableDiffusionLDM3DPipeline
-    from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
-
-    text = StableDiffusionPipeline.from_pretrained(random_model_path(), requires_safety_checker=False)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**{**TINY_VAE, "in_channels": 4, "out_channels": 4})
-    parts = {k: v for k, v in text.components.items() if k != "vae"}
-    return StableDiffusionLDM3DPipeline(vae=vae, **parts, requires_safety_checker=False).save_pretrained(folder)
-
-
-def build_builtin_ldm3d_sr(folder: Path, *, seed: int = 0) -> Path:
-    """A tiny RGB-D upscaler in the Intel/ldm3d-sr layout: the tiny LDM3D VAE and text encoder, a UNet of
-    4 latent + 4 image-latent channels with 1000 noise-level classes, DDPM low-res and DDIM schedulers."""
-    import torch
-
-    from stablepipe.builtin import TINY_UNET
-    from stablepipe.models.unet import UNet2DConditionModel
-    from stablepipe.pipelines.ldm3d import StableDiffusionLDM3DPipeline, StableDiffusionUpscaleLDM3DPipeline
-    from stablepipe.schedulers import DDIMScheduler, DDPMScheduler
-
-    base = StableDiffusionLDM3DPipeline.from_pretrained(builtin_ldm3d_path(), requires_safety_checker=False)
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**{**TINY_UNET, "in_channels": 8, "num_class_embeds": 1000})
-    betas = {"beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "scaled_linear"}
-    pipe = StableDiffusionUpscaleLDM3DPipeline(
-        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
-        low_res_scheduler=DDPMScheduler(**betas), scheduler=DDIMScheduler.from_config(base.scheduler.config),
-        requires_safety_checker=False,
-    )
-    return pipe.save_pretrained(folder)
-
-
-def builtin_ldm3d_path() -> Path:
-    return cached_folder(BUILTIN_NAMES["ldm3d"], build_builtin_ldm3d)
-
-
-def builtin_ldm3d_sr_path() -> Path:
-    return cached_folder(BUILTIN_NAMES["sr"], build_builtin_ldm3d_sr)
+# ---- the built-in tiny models (random weights, see builtin.py) -----------------------------------------------
 
 
 def with_builtin(args: argparse.Namespace, path, what: str, say) -> argparse.Namespace:
@@ -128,7 +80,8 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
 
     seeds = seeds_for(args)
     kwargs = generation_kwargs(args, seeds)
-    pipe = load_pipeline(StableDiffusionLDM3DPipeline, with_builtin(args, builtin_ldm3d_path, "LDM3D model", say), say)
+    model_args = with_builtin(args, builtin_ldm3d_path, "LDM3D model", say)
+    pipe = load_pipeline_from_flags(StableDiffusionLDM3DPipeline, model_args, say)
     if args.pano:
         height = kwargs.setdefault("height", pipe.default_size(None, None)[0])
         kwargs.setdefault("width", 2 * height)
@@ -179,7 +132,7 @@ def run_upscale(args: argparse.Namespace, say) -> dict[str, Any]:
     if args.noise_level is not None:
         kwargs["noise_level"] = args.noise_level
     model_args = with_builtin(args, builtin_ldm3d_sr_path, "LDM3D upscaler", say)
-    pipe = load_pipeline(StableDiffusionUpscaleLDM3DPipeline, model_args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionUpscaleLDM3DPipeline, model_args, say)
     result = pipe(args.prompt, rgb=rgb, depth=depth, **kwargs)
     extra = {"image": args.image, "depth": args.depth, "upscaler": "ldm3d", "noise_level": args.noise_level}
     return write_rgbd(result, args, seeds, pipe, extra=extra)

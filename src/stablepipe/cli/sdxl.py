@@ -11,14 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stablepipe.cli.common import (
-    UsageError,
-    generation_kwargs,
-    is_single_file,
-    load_pipeline,
-    pick_device_and_dtype,
-    write_images,
-)
+from stablepipe.cli.common import UsageError, generation_kwargs, write_images
+from stablepipe.model_flags import is_single_file, load_pipeline_from_flags, pick_device_and_dtype
 
 
 def add_refiner_flags(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +89,7 @@ def run_sdxl(args: argparse.Namespace, say, seeds: list[int]) -> dict[str, Any]:
     finishes from its latents."""
     from stablepipe.pipelines.sdxl import StableDiffusionXLPipeline
 
-    base = load_pipeline(StableDiffusionXLPipeline, args, say)
+    base = load_pipeline_from_flags(StableDiffusionXLPipeline, args, say)
     kwargs = generation_kwargs(args, seeds)
     if not args.refiner:
         result = base(args.prompt, **kwargs)

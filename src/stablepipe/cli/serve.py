@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 
-from stablepipe.cli.common import DTYPES, UsageError, pick_device_and_dtype
+from stablepipe.cli.common import DTYPES, UsageError
+from stablepipe.model_flags import pick_device_and_dtype
 
 LOOPBACK_NAMES = ("localhost", "ip6-localhost")
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stablepipe.cli.common import UsageError, add_model_flags, pick_device_and_dtype
+from stablepipe.cli.common import UsageError, add_model_flags
+from stablepipe.model_flags import pick_device_and_dtype
 
 
 def register(commands) -> None:

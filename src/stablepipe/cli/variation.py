@@ -3,23 +3,20 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
+from stablepipe.builtin import builtin_variation_path
 from stablepipe.cli.common import (
     UsageError,
     add_generation_flags,
     add_model_flags,
     add_output_flags,
-    cached_folder,
     generation_kwargs,
-    load_pipeline,
     open_image_file,
     seeds_for,
     write_images,
 )
-
-BUILTIN_VARIATION_NAME = "builtin-tiny-variation-v1"
+from stablepipe.model_flags import load_pipeline_from_flags
 
 
 def register(commands) -> None:
@@ -35,30 +32,6 @@ def register(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def build_builtin_variation(folder: Path, *, seed: int = 0) -> Path:
-    """The tiny random model's VAE, UNet and scheduler with a random 32 px CLIP image encoder (random
-    weights: the picture is noise), saved in the lambdalabs/sd-image-variations-diffusers layout."""
-    import torch
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from stablepipe.builtin import random_model_path
-    from stablepipe.pipelines.stable_diffusion import StableDiffusionPipeline
-    from stablepipe.pipelines.variation import StableDiffusionImageVariationPipeline
-
-    text = StableDiffusionPipeline.from_pretrained(random_model_path(), requires_safety_checker=False)
-    torch.manual_seed(seed)
-    config = CLIPVisionConfig(
-        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=2, image_size=32,
-        patch_size=4, projection_dim=text.unet.config.cross_attention_dim,
-    )
-    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    pipe = StableDiffusionImageVariationPipeline(
-        vae=text.vae, image_encoder=CLIPVisionModelWithProjection(config).eval(), unet=text.unet,
-        scheduler=text.scheduler, feature_extractor=processor, requires_safety_checker=False,
-    )
-    return pipe.save_pretrained(folder)
-
-
 def run(args: argparse.Namespace, say) -> dict[str, Any]:
     from stablepipe.pipelines.variation import StableDiffusionImageVariationPipeline
 
@@ -70,9 +43,9 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     model_args = args
     if args.model is None:
         say("No --model given: using the built-in tiny variation model (random weights, the picture is noise).")
-        folder = cached_folder(BUILTIN_VARIATION_NAME, build_builtin_variation)
+        folder = builtin_variation_path()
         model_args = argparse.Namespace(**{**vars(args), "model": str(folder)})
-    pipe = load_pipeline(StableDiffusionImageVariationPipeline, model_args, say)
+    pipe = load_pipeline_from_flags(StableDiffusionImageVariationPipeline, model_args, say)
     result = pipe(image.convert("RGB"), **generation_kwargs(args, seeds))
     flags = result.nsfw_content_detected
     return write_images(result.images, args, seeds, pipe, flags=flags, extra={"image": args.image})

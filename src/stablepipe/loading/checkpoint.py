@@ -7,9 +7,11 @@ is replaced by an inert placeholder; anything else that needs code to unpickle i
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,8 +67,6 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
     """The tensor names in a checkpoint: from a .safetensors header alone, else by reading the file."""
     path = Path(path)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        from stablepipe.loading.files import safetensors_header
-
         try:
             return [key for key in safetensors_header(path) if key != "__metadata__"]
         except OSError as err:  # unreadable; a damaged header raises its own CheckpointError
@@ -75,11 +75,10 @@ def checkpoint_keys(path: str | os.PathLike) -> list[str]:
 
 
 def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> Checkpoint:
-    from stablepipe.loading import files
-
+    """A `.safetensors` file as a `Checkpoint`: its tensors (see `read_safetensors_state`) and header metadata."""
     try:
-        metadata = files.safetensors_metadata(path)
-        state = files.read_safetensors(path, dtype)
+        metadata = safetensors_metadata(path)
+        state = read_safetensors_state(path, dtype)
     except CheckpointError:
         raise
     except OSError as err:  # unreadable (permissions, I/O)
@@ -89,6 +88,143 @@ def read_safetensors(path: Path, dtype: torch.dtype | None = None) -> Checkpoint
         ) from err
     step = metadata.get("global_step") or metadata.get("ss_steps")
     return Checkpoint(path, state, global_step=int(step) if step and step.isdigit() else None, metadata=metadata)
+
+
+# ---- the safetensors format, checked before anything is allocated ---------------------------------------------
+
+JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+                   type(None): "null"}
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100_000_000  # the limit of the safetensors library
+MAX_DIMS = 64
+
+
+def damaged(path: Path, problem: str) -> CheckpointError:
+    """The one error for a safetensors file whose header does not fit the file."""
+    return CheckpointError(
+        f"{path} is not a readable safetensors file ({problem}). It is truncated or corrupt (or not a safetensors "
+        "file at all): re-download it and compare its size or hash with the source"
+    )
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """One tensor of a safetensors file, checked against the file: its bytes are [begin, end) of the data."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def read_safetensors_state(path: Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """A safetensors file read tensor by tensor with plain reads, each floating tensor converted to `dtype` before
+    the next is read: loading float32 files into bfloat16 holds the bfloat16 weights plus one float32 tensor,
+    not the whole float32 file (memory-mapping would keep every page read resident). Format: an 8-byte
+    little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the data.
+    The header is checked against the file's size before anything is allocated (`CheckpointError` if wrong)."""
+    state: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as handle:
+        header, entries = _checked_header(handle, path)
+        for entry in entries:
+            handle.seek(8 + entry.begin)
+            data = bytearray(entry.end - entry.begin)
+            if handle.readinto(data) != len(data):  # the file shrank while being read
+                raise damaged(path, f"the file ends inside tensor {entry.name!r}")
+            tensor = torch.frombuffer(data, dtype=entry.dtype) if data else torch.empty(0, dtype=entry.dtype)
+            tensor = tensor.reshape(entry.shape)
+            state[entry.name] = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+    return state
+
+
+def _checked_header(handle, path: Path) -> tuple[dict[str, Any], list[TensorEntry]]:
+    """A safetensors file's JSON header and its tensors, every offset checked against the file's size (the
+    entries' offsets are made relative to the file's start)."""
+    file_size = os.fstat(handle.fileno()).st_size
+    size = int.from_bytes(handle.read(8), "little")
+    if file_size < 8 or not 2 <= size <= min(MAX_HEADER_BYTES, file_size - 8):
+        raise damaged(path, f"header length {size} is not plausible for a file of {file_size} bytes")
+    try:
+        header = json.loads(handle.read(size).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise damaged(path, f"its header is not valid JSON ({str(err)[:200]})") from None
+    if not isinstance(header, dict):
+        raise damaged(path, f"its header is a JSON {JSON_TYPE_NAMES.get(type(header), '?')}, not an object")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise damaged(path, "its header's __metadata__ is not an object of strings")
+    entries = tensor_entries(header, data_size=file_size - 8 - size, path=path)
+    return header, [replace(e, begin=e.begin + size, end=e.end + size) for e in entries]
+
+
+def tensor_entries(header: dict[str, Any], *, data_size: int, path: Path) -> list[TensorEntry]:
+    """The header's tensors in file order, each checked: known dtype, a shape of non-negative ints, data_offsets
+    within the `data_size` bytes after the header, as many bytes as shape x dtype size, and no two overlapping."""
+    entries = sorted(
+        (_tensor_entry(name, spec, data_size=data_size, path=path) for name, spec in header.items()
+         if name != "__metadata__"),
+        key=lambda entry: (entry.begin, entry.end),
+    )
+    for before, after in zip(entries, entries[1:]):
+        if after.begin < before.end:
+            raise damaged(path, f"tensors {before.name!r} and {after.name!r} overlap (bytes {before.begin}-"
+                                f"{before.end} and {after.begin}-{after.end} of the data)")
+    return entries
+
+
+def _tensor_entry(name: str, spec: Any, *, data_size: int, path: Path) -> TensorEntry:
+    def refuse(problem: str) -> CheckpointError:
+        return damaged(path, f"tensor {name[:200]!r} {problem}")
+
+    if not isinstance(spec, dict):
+        raise refuse(f"is described by a JSON {JSON_TYPE_NAMES.get(type(spec), '?')}, not an object")
+    kind = SAFETENSORS_DTYPES.get(spec.get("dtype")) if isinstance(spec.get("dtype"), str) else None
+    if kind is None:
+        raise refuse(f"has dtype {str(spec.get('dtype'))[:40]}, which stablepipe does not read "
+                     f"(it reads {', '.join(SAFETENSORS_DTYPES)})")
+    shape, offsets = spec.get("shape"), spec.get("data_offsets")
+    if not _ints(shape, MAX_DIMS):
+        raise refuse(f"has shape {str(shape)[:80]}, not a list of at most {MAX_DIMS} non-negative integers")
+    if not _ints(offsets, 2) or len(offsets) != 2:
+        raise refuse(f"has data_offsets {str(offsets)[:80]}, not two non-negative integers [begin, end]")
+    begin, end = offsets
+    if begin > end:
+        raise refuse(f"has data_offsets [{begin}, {end}], which end before they begin")
+    if end > data_size:
+        raise damaged(path, f"the file ends inside tensor {name[:200]!r} (its data_offsets [{begin}, {end}] reach "
+                            f"beyond the file's {data_size} bytes of data)")
+    expected = math.prod(shape) * kind.itemsize
+    if end - begin != expected:
+        raise refuse(f"has {end - begin} bytes but its shape {shape} of {spec['dtype']} needs {expected}")
+    return TensorEntry(name, kind, tuple(shape), begin, end)
+
+
+def _ints(value: Any, max_length: int) -> bool:
+    """Whether `value` is a list of at most `max_length` non-negative ints (booleans are not ints here)."""
+    return (isinstance(value, list) and len(value) <= max_length
+            and all(type(v) is int and v >= 0 for v in value))
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header, checked, without reading tensors: {name: {dtype, shape, data_offsets},
+    "__metadata__"}."""
+    with open(path, "rb") as handle:
+        return _checked_header(handle, path)[0]
+
+
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header (training steps, format ...)."""
+    return dict(safetensors_header(path).get("__metadata__") or {})
+
+
+
+# ---- pickles ----------------------------------------------------------------------------------------------------
 
 
 def read_pickle(path: Path) -> Checkpoint:

@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from stablepipe.loading.checkpoint import CheckpointError
+from stablepipe.loading.checkpoint import CheckpointError, safetensors_header
 from stablepipe.loading.dtypes import dtype_for
-from stablepipe.loading.files import read_json_object, safetensors_header, snapshot
+from stablepipe.loading.files import fetch_file, read_json_object, snapshot
 
 # Libraries named in model_index.json whose classes stablepipe implements itself.
 OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stable_diffusion_safe", "stablepipe"}
@@ -106,6 +106,25 @@ def read_model_index(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: _class_name must be a string naming the pipeline class, e.g. "
                          '"StableDiffusionPipeline"')
     return index
+
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".sft")
+
+
+def pipeline_class_name(source: str, *, revision: str | None = None) -> str | None:
+    """`_class_name` from the model_index.json of a folder or Hub repo; None for a single-file checkpoint."""
+    if Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES:
+        return None
+    index = json.loads(Path(fetch_file(source, "model_index.json", revision=revision)).read_text())
+    return index.get("_class_name", "StableDiffusionPipeline")
+
+
+def shared_components(cls, pipe) -> dict[str, Any]:
+    """The arguments that build pipeline class `cls` from the loaded pipeline `pipe`: its components and config
+    that `cls` takes (the components it lacks are left to `cls`'s defaults), shared, not copied."""
+    names = set(cls.component_names()) | set(cls._config_keys)
+    given = {**pipe.components, **pipe.config}
+    return {k: v for k, v in given.items() if k in names}
 
 
 def is_component_entry(entry: Any) -> bool:

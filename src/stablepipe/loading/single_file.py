@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from stablepipe.loading import components as component_loading
 from stablepipe.loading.checkpoint import Checkpoint, read_checkpoint
-from stablepipe.loading.files import check_state_dict, is_local
+from stablepipe.loading.files import HUB_KWARGS, check_state_dict, is_local
 from stablepipe.loading.key_maps import CLIP_RULES, KeyMap, open_clip_rules, unet_rules, vae_rules
 from stablepipe.loading.model_detection import detect_model_type, type_config
 
@@ -309,11 +309,12 @@ def _weights_missing(spec: ComponentSpec) -> bool:
 
 def load_pipeline(
     pipeline_cls, path: str | os.PathLike, *, config: str | os.PathLike | None = None,
-    prediction_type: str | None = None, torch_dtype: torch.dtype | None = None, **kwargs: Any,
+    prediction_type: str | None = None, torch_dtype: torch.dtype | None = None,
+    resolve_class: Callable[[str], type] | None = None, **kwargs: Any,
 ):
-    """`Pipeline.from_single_file`: see `DiffusionPipeline.from_single_file` for the arguments."""
-    from stablepipe.pipelines.base import HUB_KWARGS, DiffusionPipeline, pipeline_class
-
+    """`Pipeline.from_single_file`: see `DiffusionPipeline.from_single_file` for the arguments. With
+    `resolve_class` (diffusers' pipeline name -> our class), the class is the one of the detected checkpoint
+    type, as `DiffusionPipeline.from_single_file` picks it; without, `pipeline_cls` is built."""
     if prediction_type not in (None, "epsilon", "v_prediction", "sample"):
         raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
     if kwargs.pop("original_config", None) is not None or kwargs.pop("original_config_file", None) is not None:
@@ -322,8 +323,9 @@ def load_pipeline(
     checkpoint = read_checkpoint(resolve_file(path, hub_kwargs), torch_dtype)
     plan = make_plan(checkpoint, config=config, prediction_type=prediction_type, hub_kwargs=dict(hub_kwargs))
     hub_kwargs.pop("revision", None)
-    if pipeline_cls is DiffusionPipeline:
-        pipeline_cls = pipeline_class(plan.pipeline)
+    resolve_class = resolve_class or _generic_resolver(pipeline_cls)
+    if resolve_class is not None:
+        pipeline_cls = resolve_class(plan.pipeline)
     known = set(pipeline_cls.component_names()) | set(pipeline_cls._config_keys)
     if unknown := sorted(set(kwargs) - known):
         raise TypeError(f"{pipeline_cls.__name__}.from_single_file got unknown arguments {unknown}")
@@ -335,6 +337,15 @@ def load_pipeline(
     settings = {k: v for k, v in plan.pipeline_config.items() if k in pipeline_cls._config_keys}
     settings.update({k: v for k, v in kwargs.items() if k in pipeline_cls._config_keys})
     return pipeline_cls(**built, **settings)
+
+
+def _generic_resolver(pipeline_cls) -> Callable[[str], type] | None:
+    """Transitional, until `DiffusionPipeline.from_single_file` (pipelines/base.py) passes `resolve_class`
+    itself: the pipeline-class lookup when `pipeline_cls` is the generic `DiffusionPipeline`, else None.
+    (tests/test_import_graph.py allows this one import from loading into pipelines until then.)"""
+    from stablepipe.pipelines.base import DiffusionPipeline, pipeline_class
+
+    return pipeline_class if pipeline_cls is DiffusionPipeline else None
 
 
 # ---- writing a single file -------------------------------------------------------------------------------

@@ -55,22 +55,18 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def resolve_source(source: str, builtin_kind: str = "sd") -> str:
-    """`builtin` -> the built-in model's folder (the demo model, or the tiny x4 upscaler)."""
+    """`builtin` -> the built-in model's folder (`builtin_kind` "sd": the demo model; "x4": the tiny x4 upscaler)."""
     if source != BUILTIN:
         return source
-    if builtin_kind == "x4":
-        from stablepipe.cli.upscale import builtin_upscaler_path
+    from stablepipe.builtin import builtin_path
 
-        return str(builtin_upscaler_path("x4"))
-    from stablepipe.builtin import builtin_model_path
-
-    return str(builtin_model_path())
+    return str(builtin_path(builtin_kind))
 
 
 def read_pipeline(source: str, config: ServeConfig) -> Any:
     """Load a checkpoint (folder, Hub id or single file) on the config's device and dtype."""
+    from stablepipe.loading.components import pipeline_class_name
     from stablepipe.pipelines.base import DiffusionPipeline, pipeline_class
-    from stablepipe.ui.session import pipeline_class_name
 
     class_name = pipeline_class_name(source)
     cls = DiffusionPipeline if class_name is None else pipeline_class(class_name)
@@ -97,8 +93,8 @@ def family_of(pipe: Any) -> str:
 
 def task_pipelines(pipe: Any, family: str) -> dict[str, Any]:
     """One pipeline per task, all sharing `pipe`'s weights."""
+    from stablepipe.loading.components import shared_components
     from stablepipe.pipelines.base import pipeline_class
-    from stablepipe.ui.session import shared_components
 
     built = {}
     for task, class_name in TASK_CLASSES[family].items():

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from stablepipe.cli.common import output_paths, save_png
+from stablepipe.output_files import output_paths, save_png
 from stablepipe.ui.session import ModelManager
 from stablepipe.ui.tasks import TASKS, Output
 

@@ -10,7 +10,6 @@ Nothing here imports gradio, so it is testable on its own.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import threading
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 
 import torch
 
-SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".sft")
+from stablepipe.builtin import BUILTIN_MODELS
+from stablepipe.loading.components import pipeline_class_name, shared_components
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,27 +70,17 @@ def without_paths(message: str) -> str:
 
 
 BUILTIN = "builtin"  # what to type (or pass to `load`) for a slot's built-in model
-BUILTINS = ("sd", "variation", "x4", "x2", "ldm3d")  # the slots that have one
+BUILTINS = tuple(kind for kind in BUILTIN_MODELS if kind in SLOTS)  # the slots that have one
 
 
 def builtin_path(slot: str) -> Path:
     """The folder of `slot`'s built-in model (the trained demo model for "sd" where the package ships it, else tiny
     random weights: the picture is noise), built on first use in the stablepipe cache by the same code as the
-    command line's; a ValueError if the slot has none."""
-    from stablepipe.builtin import builtin_model_path
-    from stablepipe.cli import common, ldm3d, upscale, variation
-
-    makers = {
-        "sd": builtin_model_path,
-        "variation": lambda: common.cached_folder(variation.BUILTIN_VARIATION_NAME, variation.build_builtin_variation),
-        "x4": lambda: upscale.builtin_upscaler_path("x4"),
-        "x2": lambda: upscale.builtin_upscaler_path("x2"),
-        "ldm3d": ldm3d.builtin_ldm3d_path,
-    }
-    if slot not in makers:
+    command line's (`stablepipe.builtin`); a ValueError if the slot has none."""
+    if slot not in BUILTINS:
         info = SLOTS[slot]
         raise ValueError(f"there is no built-in tiny {info.name}: load a real one, e.g. {info.example}")
-    return Path(makers[slot]())
+    return Path(BUILTIN_MODELS[slot]())
 
 
 def slot_for_class(class_name: str) -> str:
@@ -108,24 +98,6 @@ def check_slot(source: str, class_name: str, slot: str | None) -> str:
     if slot is not None and found != slot:
         raise ValueError(f"{source} is a {class_name}; this tab needs {SLOTS[slot].title}, e.g. {SLOTS[slot].example}")
     return found
-
-
-def pipeline_class_name(source: str, *, revision: str | None = None) -> str | None:
-    """`_class_name` from the model_index.json of a folder or Hub repo; None for a single-file checkpoint."""
-    from stablepipe.loading.files import fetch_file
-
-    if Path(source).suffix.lower() in SINGLE_FILE_SUFFIXES:
-        return None
-    index = json.loads(Path(fetch_file(source, "model_index.json", revision=revision)).read_text())
-    return index.get("_class_name", "StableDiffusionPipeline")
-
-
-def shared_components(cls, pipe) -> dict[str, Any]:
-    """The arguments that build `cls` from the loaded pipeline `pipe`: its components and config that `cls`
-    takes (the components it lacks are left to `cls`'s defaults)."""
-    names = set(cls.component_names()) | set(cls._config_keys)
-    given = {**pipe.components, **pipe.config}
-    return {k: v for k, v in given.items() if k in names}
 
 
 class ModelManager:

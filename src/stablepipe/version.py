@@ -1,0 +1,3 @@
+"""stablepipe's version, in a module of its own so that any module can read it without importing the rest."""
+
+__version__ = "0.1.0"
