@@ -17,8 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from stablepipe.image import ImageInput, pil_to_rgb
-from stablepipe.pipelines import arguments, image_stages, stages
+from stablepipe.pipelines import arguments, image_stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call, processor_kwargs
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -80,12 +81,12 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,
     ) -> StableDiffusionPipelineOutput:
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
         # 1. Check inputs
-        images = self.check_inputs(image, depth_map, strength, num_inference_steps, callback_on_step_end_tensor_inputs)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
+        images = self.check_inputs(image, depth_map, strength, num_inference_steps)
         # 2. Preprocess the image: (B, 3, H, W) in [-1, 1], or latents
         channels = self.vae.config.latent_channels
         init_image = image_stages.preprocess_image(images, multiple=self.vae_scale_factor, latent_channels=channels)
@@ -97,40 +98,36 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         )
         batch, dtype = prompt_embeds.shape[0], prompt_embeds.dtype
         # 4. Depth at latent size in [-1, 1]: estimated with DPT, or the given depth_map
-        latent_size = init_image.shape[-2:] if init_image.shape[1] == channels else (
-            init_image.shape[2] // self.vae_scale_factor, init_image.shape[3] // self.vae_scale_factor)
-        depth = self.estimate_depth(images, dtype=dtype) if depth_map is None else depth_to_tensor(depth_map)
-        depth = image_stages.repeat_to_batch(normalize_depth(depth.to(device), latent_size).to(dtype), batch,
-                                             what="depth maps")  # (B, 1, h, w)
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, processor_kwargs(cross_attention_kwargs))
-        extras = image_stages.UNetExtras({"depth_mask": image_stages.double_for_guidance(depth, cond.guided)})
-        cond.extra_channels = extras.channels()
-        # 5. Timesteps, the first (1 - strength) of them skipped
-        timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
-        timesteps, num_inference_steps = image_stages.strength_timesteps(self.scheduler, num_inference_steps, strength)
-        # 6. The image's latents, noised to the first timestep
-        latents = image_stages.image_latents_for_batch(
-            self.vae, init_image, batch, generator=generator, dtype=dtype, device=device
+        depth = self.depth_condition(images, init_image, depth_map, batch, dtype=dtype)  # (B, 1, h, w)
+        extras = image_stages.UNetExtras(
+            {"depth_mask": image_stages.double_for_guidance(depth, self.do_classifier_free_guidance)}
         )
-        latents, _ = image_stages.noise_to_timestep(self.scheduler, latents, timesteps[:1], generator=generator)
+        cond = Conditioning(
+            prompt_embeds, negative_prompt_embeds, processor_kwargs(cross_attention_kwargs),
+            extra_channels=extras.channels(),
+        )
+        # 5. Timesteps, the first (1 - strength) of them skipped
+        timesteps, num_inference_steps = image_stages.strength_schedule(
+            self.scheduler, num_inference_steps, strength, device
+        )
+        # 6. The image's latents, noised to the first timestep
+        latents = image_stages.noised_image_latents(
+            self.vae, self.scheduler, init_image, batch, timesteps[:1], generator=generator, dtype=dtype, device=device
+        )
         # 7. Denoise with the depth as extra UNet input
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            callback_on_step_end=image_stages.callback_with_extras(callback_on_step_end, extras, cond),
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback_on_step_end=extras.shown_to(callback_on_step_end, cond),
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
         # 8. Decode, convert
         output = self.finish(latents, output_type, return_dict=True)
         return output if return_dict else (output.images,)
 
-    def check_inputs(
-        self, image, depth_map, strength: float, num_inference_steps: int, callback_inputs: Sequence[str]
-    ) -> image_stages.ImageBatch:
-        """Every check that needs no model run; returns the image as RGB PIL images or a tensor."""
-        stages.check_steps(num_inference_steps, None, None)
-        image_stages.check_strength(strength, num_inference_steps)
-        stages.check_callback_inputs(callback_inputs, self._callback_tensor_inputs)
+    def check_inputs(self, image, depth_map, strength: float, num_inference_steps: int) -> image_stages.ImageBatch:
+        """The checks that need no model run (after `begin_call`'s); returns the image as RGB PIL images or a
+        tensor."""
+        image_stages.check_schedule(num_inference_steps, strength)
         channels = self.vae.config.latent_channels
         image_stages.check_unet_channels(self.unet, [channels + 1], type(self).__name__)
         images = image_stages.load_images(image, latent_channels=channels)
@@ -142,6 +139,17 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionBase):
         if depth_map is None and isinstance(images, torch.Tensor) and images.shape[1] == channels:
             raise ValueError("`image` was given as latents, from which DPT cannot see depth; pass `depth_map=` too")
         return images
+
+    def depth_condition(
+        self, images: image_stages.ImageBatch, init_image: torch.Tensor, depth_map, batch: int, *, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """The UNet's depth input (batch, 1, h, w) in [-1, 1] at latent size: `depth_map`, or DPT's estimate."""
+        channels = self.vae.config.latent_channels
+        latent_size = init_image.shape[-2:] if init_image.shape[1] == channels else (
+            init_image.shape[2] // self.vae_scale_factor, init_image.shape[3] // self.vae_scale_factor)
+        depth = self.estimate_depth(images, dtype=dtype) if depth_map is None else depth_to_tensor(depth_map)
+        depth = normalize_depth(depth.to(self.device), latent_size).to(dtype)  # (n, 1, h, w)
+        return image_stages.repeat_to_batch(depth, batch, what="depth maps")
 
     def estimate_depth(self, images: image_stages.ImageBatch, *, dtype: torch.dtype) -> torch.Tensor:
         """Relative inverse depth (B, 1, H', W') from the DPT model (Ranftl et al. 2021)."""

@@ -8,8 +8,9 @@ from typing import Any
 import torch
 
 from stablepipe.image import ImageInput
-from stablepipe.pipelines import arguments, image_stages, stages
+from stablepipe.pipelines import arguments, image_stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -65,15 +66,13 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,
     ) -> StableDiffusionPipelineOutput:
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
         # 1. Check inputs
-        stages.check_steps(num_inference_steps, timesteps, sigmas)
-        image_stages.check_strength(strength, None if timesteps or sigmas else num_inference_steps)
-        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
+        image_stages.check_schedule(num_inference_steps, strength, timesteps=timesteps, sigmas=sigmas)
         image_stages.check_unet_channels(self.unet, [self.vae.config.latent_channels], type(self).__name__)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
         # 2. Preprocess the image: (B, 3, H, W) in [-1, 1], or latents
         image = image_stages.preprocess_image(
             image, multiple=self.vae_scale_factor, latent_channels=self.vae.config.latent_channels
@@ -86,21 +85,18 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
         )
         batch = prompt_embeds.shape[0]
         # 4. Timesteps, the first (1 - strength) of them skipped
-        timesteps, num_inference_steps = stages.retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, timesteps=timesteps, sigmas=sigmas
+        timesteps, num_inference_steps = image_stages.strength_schedule(
+            self.scheduler, num_inference_steps, strength, device, timesteps=timesteps, sigmas=sigmas
         )
-        timesteps, num_inference_steps = image_stages.strength_timesteps(self.scheduler, num_inference_steps, strength)
         # 5. The image's latents, noised to the first timestep
-        latents = image_stages.image_latents_for_batch(
-            self.vae, image, batch, generator=generator, dtype=prompt_embeds.dtype, device=device
+        latents = image_stages.noised_image_latents(
+            self.vae, self.scheduler, image, batch, timesteps[:1], generator=generator, dtype=prompt_embeds.dtype,
+            device=device,
         )
-        latents, _ = image_stages.noise_to_timestep(self.scheduler, latents, timesteps[:1], generator=generator)
         # 6. Denoise
-        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+        cond = Conditioning(prompt_embeds, negative_prompt_embeds, self.unet_kwargs(batch, cross_attention_kwargs))
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )

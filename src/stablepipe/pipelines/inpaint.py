@@ -150,13 +150,14 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
     def mask_extras(self, init_image, mask, masked_image_latents, batch: int, *, generator: Generator, cond):
         extras = self.inpaint_stages().mask_extras(
             init_image, mask, masked_image_latents, batch, generator=generator, dtype=cond.prompt_embeds.dtype,
-            guided=cond.guided,
+            guided=self.do_classifier_free_guidance,
         )
         cond.extra_channels = extras.channels()
         return extras
 
     def blend_step(self, timesteps, extras, noise, image_latents, cond) -> StepHook:
-        return self.inpaint_stages().blend_hooks(timesteps, extras, noise, image_latents, guided=cond.guided)[0]
+        guided = self.do_classifier_free_guidance
+        return self.inpaint_stages().blend_hooks(timesteps, extras, noise, image_latents, guided=guided)[0]
 
 
 @dataclasses.dataclass(frozen=True)

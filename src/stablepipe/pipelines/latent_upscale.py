@@ -9,7 +9,7 @@ It takes a text-to-image pipeline's `output_type="latent"` output directly, so t
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from stablepipe.image import ImageInput, denormalize, postprocess
 from stablepipe.pipelines import arguments, image_stages, stages, text, upscale, vae_codec
 from stablepipe.pipelines.base import DiffusionPipeline, StableDiffusionPipelineOutput
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.random import Generator
+from stablepipe.schedulers.denoiser import karras_scalings
 
 NOISE_LEVEL_FEATURES = 64  # [cos, sin] features of the conditioning image's noise level, 64 each
 
@@ -51,27 +53,35 @@ def latent_conditioning(
 # ---- the denoiser ----------------------------------------------------------------------------------------------
 
 
-def karras_scalings(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """c_skip, c_out, c_in, c_noise of Karras et al. 2022, Table 1, with sigma_data = 1: the denoiser is
-    D(x) = c_skip x + c_out F(c_in x, c_noise)."""
-    c_skip = 1 / (sigma**2 + 1)
-    c_in = (sigma**2 + 1) ** -0.5
-    return c_skip, sigma * c_in, c_in, torch.log(sigma) * 0.25
+def sigmas_by_timestep(scheduler) -> dict[float, torch.Tensor]:
+    """t -> sigma for each of the scheduler's timesteps (after `set_timesteps`): the noise level the loop's step at
+    t stands for, paired by position (timesteps[i] with sigmas[i]). A timestep repeated with another sigma would
+    make that ambiguous, so it is refused."""
+    table: dict[float, torch.Tensor] = {}
+    for t, sigma in zip(scheduler.timesteps.tolist(), scheduler.sigmas, strict=False):  # sigmas end with one more
+        if not torch.equal(table.setdefault(t, sigma), sigma):
+            raise ValueError(
+                f"{type(scheduler).__name__} gives timestep {t} two different sigmas ({table[t].item()} and "
+                f"{sigma.item()}), so the latent upscaler cannot tell which noise level a step at {t} is; use "
+                "EulerDiscreteScheduler (the model card's), or this scheduler without use_karras_sigmas"
+            )
+    return table
 
 
 class KarrasDenoiser:
     """The latent upscaler's UNet as a denoiser D(x, sigma), called like a UNet by the shared denoising loop.
 
     The loop passes the scheduler-scaled input c_in x (the `latent_channels` first channels) with the
-    conditioning channels; the UNet is called at c_noise and its extra output channel dropped, and the result
-    is the clean-latent estimate, so the scheduler must use prediction_type "sample".
+    conditioning channels and the step's timestep t, whose sigma `sigmas` gives (`sigmas_by_timestep`); the UNet
+    is called at c_noise and its extra output channel dropped, and the result is the clean-latent estimate, so
+    the scheduler must use prediction_type "sample".
     """
 
-    def __init__(self, unet: Callable, scheduler, *, latent_channels: int):
-        self.unet, self.scheduler, self.latent_channels = unet, scheduler, latent_channels
+    def __init__(self, unet: Callable, sigmas: Mapping[float, torch.Tensor], *, latent_channels: int):
+        self.unet, self.sigmas, self.latent_channels = unet, sigmas, latent_channels
 
     def __call__(self, sample: torch.Tensor, timestep, *, encoder_hidden_states, return_dict: bool = False, **kw):
-        sigma = self.scheduler.sigmas[self.scheduler.step_index].to(sample.device)
+        sigma = self.sigmas[float(timestep)].to(sample.device)
         c_skip, c_out, c_in, c_noise = karras_scalings(sigma)
         scaled = sample[:, : self.latent_channels]  # c_in x, (B, C, H, W)
         out = self.unet(sample, c_noise, encoder_hidden_states=encoder_hidden_states, return_dict=False, **kw)[0]
@@ -110,13 +120,10 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    @property
-    def guidance_scale(self) -> float:
-        return self._guidance_scale
-
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1
+    def guidance_distilled(self) -> bool:
+        """False: the UNet's `timestep_cond` carries the noise level and pooled text, not a guidance scale, so
+        guidance_scale > 1 is classifier-free guidance as usual."""
+        return False
 
     def check_inputs(self, prompt, image, prompt_embeds, callback_steps, tile_size, tile_overlap):
         """Every argument check, before any model runs; returns the loaded input and the tiling spec."""
@@ -170,11 +177,14 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
         """Upscale `image` (PIL / array / tensor images, or (B, 4, h, w) latents) 2x. `tile_size` (pixels of the
         decoded input, a multiple of 32) runs the UNet and the VAE in tiles overlapping by `tile_overlap`."""
         # 1. Check inputs
+        device = self.begin_call({}, guidance_scale=guidance_scale, output_type=output_type)
         batch, tiles = self.check_inputs(prompt, image, prompt_embeds, callback_steps, tile_size, tile_overlap)
         stages.check_steps(num_inference_steps, None, None)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device, batch_size = self.device, stages.prompt_batch_size(prompt, prompt_embeds)
-        # 2. Encode the prompt (guidance_scale 0: unconditional, as in diffusers)
+        batch_size = stages.prompt_batch_size(prompt, prompt_embeds)
+        # 2. Timesteps, and the noise level (sigma) each stands for
+        timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        sigmas = sigmas_by_timestep(self.scheduler)
+        # 3. Encode the prompt (guidance_scale 0: unconditional, as in diffusers)
         if guidance_scale == 0 and prompt_embeds is None:
             prompt = [""] * batch_size
         embeds, negative, pooled, negative_pooled = text.encode_prompt_batch(
@@ -183,31 +193,27 @@ class StableDiffusionLatentUpscalePipeline(DiffusionPipeline):
                                     negative_pooled_prompt_embeds),
             device=device, guided=self.do_classifier_free_guidance, weighted=self.prompt_weighting,
         ).as_tuple()
-        cond = stages.Conditioning(embeds, negative)
-        # 3. The low-res latents (B_img, 4, h, w): given, or encoded from the image
+        cond = Conditioning(embeds, negative)
+        # 4. The low-res latents (B_img, 4, h, w): given, or encoded from the image
         channels = self.vae.config.latent_channels
         low_res = upscale.preprocess_low_res(batch, multiple=self.input_multiple, latent_channels=channels)
         with upscale.vae_tiling(self.vae, tiles):
             low_res = image_latents(self.vae, low_res.to(device, embeds.dtype), generator=generator)
-        # 4. Timesteps; conditioning: 2x latents as extra channels, noise level + pooled text as timestep_cond
-        timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
+        # 5. Conditioning: 2x latents as extra channels, noise level + pooled text as timestep_cond
         pooled = pooled if negative_pooled is None else torch.cat([negative_pooled, pooled])
         cond.extra_channels, timestep_cond = latent_conditioning(low_res, pooled, batch_size=batch_size,
                                                                  copies=cond.copies)  # fmt: skip
         cond.unet_kwargs["timestep_cond"] = timestep_cond
-        # 5. Initial noise (B, 4, 2h, 2w)
-        shape = (batch_size, channels, 2 * low_res.shape[2], 2 * low_res.shape[3])
-        latents = stages.prepare_latents(shape, dtype=embeds.dtype, device=device, generator=generator,
-                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)  # fmt: skip
-        # 6. Denoise: Euler on sigma with the preconditioned UNet, whole or tile by tile
+        # 6. Initial noise (B, 4, 2h, 2w)
+        latents = upscale.noise_beside_image(self, cond, generator=generator, latents=latents)
+        # 7. Denoise: Euler on sigma with the preconditioned UNet, whole or tile by tile
         unet = upscale.TiledUNet(self.unet, tiles) if tiles else self.unet
-        hook = upscale.callback_hook(self.scheduler, callback, callback_steps, timesteps, num_inference_steps)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps, after_step=hook,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=None, eta=0.0),
-            model=KarrasDenoiser(unet, self.scheduler, latent_channels=channels),
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, callback=callback,
+            callback_steps=callback_steps,
+            model=KarrasDenoiser(unet, sigmas, latent_channels=channels),
         )
-        # 7. Decode at 2x (tiled too), convert
+        # 8. Decode at 2x (tiled too), convert
         with upscale.vae_tiling(self.vae, tiles):
             images = self.decode(latents, output_type)
         return StableDiffusionPipelineOutput(images=images) if return_dict else (images,)

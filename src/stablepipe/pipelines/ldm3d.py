@@ -20,11 +20,12 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from stablepipe.image import OUTPUT_TYPES, ImageInput, denormalize, pil_to_pt, postprocess
+from stablepipe.image import ImageInput, denormalize, pil_to_pt, postprocess
 from stablepipe.models.resnet import Downsample2D
 from stablepipe.models.safety import run_safety_checker
 from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import arguments, image_stages, stages, upscale, vae_codec
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase, StableDiffusionPipeline
 from stablepipe.random import Generator
 
@@ -112,11 +113,6 @@ class RGBDFinish:
         if not return_dict:
             return (rgb, depth), flags
         return LDM3DPipelineOutput(rgb=rgb, depth=depth, nsfw_content_detected=flags)
-
-
-def check_output_type(output_type: str) -> None:
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
 
 
 # ---- panoramas: left and right edges that join ----------------------------------------------------------
@@ -215,7 +211,6 @@ class StableDiffusionLDM3DPipeline(RGBDFinish, StableDiffusionPipeline):
         other argument is the same. `circular_padding=True` joins the left and right edges: for 360-degree
         panoramas (Intel/ldm3d-pano at width=1024, height=512)."""
         check_rgbd_vae(self.vae, type(self).__name__)
-        check_output_type(output_type)
         with horizontal_wrap(self.unet, self.vae, enabled=circular_padding):
             return super().__call__(
                 prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale,
@@ -329,31 +324,39 @@ class StableDiffusionUpscaleLDM3DPipeline(RGBDFinish, StableDiffusionBase):
         self.register_modules(low_res_scheduler=low_res_scheduler, watermarker=watermarker)
         self.max_noise_level = max_noise_level
 
-    def check_inputs(self, prompt, prompt_embeds, rgb, depth, noise_level, target_res, callback_steps, output_type):
+    def check_inputs(self, prompt, prompt_embeds, rgb, depth, noise_level, target_res, callback_steps):
         """Every argument check, before any model runs; returns the loaded (rgb, depth) and (height, width)."""
         upscale.check_noise_level(noise_level, self.max_noise_level)
         if noise_level >= self.unet.config.num_class_embeds:
             raise ValueError(f"noise_level={noise_level} has no class embedding in this UNet "
                              f"(num_class_embeds={self.unet.config.num_class_embeds})")  # fmt: skip
         stages.check_callback_steps(callback_steps)
-        check_output_type(output_type)
         size = check_target_res(target_res, self.vae_scale_factor)
         rgb, depth = load_rgbd(rgb, depth)
         upscale.check_image_batch(rgb.shape[0], stages.prompt_batch_size(prompt, prompt_embeds))
         return rgb, depth, size
 
-    def add_rgbd_conditioning(
-        self, cond: stages.Conditioning, rgbd: torch.Tensor, noise_level: int, *, generator, num_images_per_prompt: int
-    ) -> None:
+    def rgbd_conditioning(
+        self,
+        prompt_embeds: torch.Tensor,
+        negative_prompt_embeds: torch.Tensor | None,
+        rgbd: torch.Tensor,
+        noise_level: int,
+        *,
+        generator: Generator,
+        num_images_per_prompt: int,
+        cross_attention_kwargs: dict[str, Any] | None,
+    ) -> Conditioning:
         """The RGB-D image (1 or one per prompt, 4, H, W) encoded, as extra UNet channels in the prompts' order
         (p, p, q, q: image i goes with prompt i), and the noise level as class labels (the x4 upscaler's stage)."""
-        prompts = cond.prompt_embeds.shape[0] // num_images_per_prompt
+        prompts = prompt_embeds.shape[0] // num_images_per_prompt
         image_latents = rgbd_latents(self.vae, rgbd, generator=generator)  # (1 or P, 4, h, w)
         image_latents = image_stages.repeat_to_batch(image_latents, prompts, what="images")  # (P, 4, h, w)
         image_latents = image_latents.repeat_interleave(num_images_per_prompt, dim=0)  # (P * n, 4, h, w)
         level = torch.tensor([noise_level], dtype=torch.long, device=image_latents.device)  # (1,)
-        cond.extra_channels, cond.unet_kwargs["class_labels"] = upscale.low_res_conditioning(
-            image_latents, level, batch_size=image_latents.shape[0], num_images_per_prompt=1, copies=cond.copies
+        return upscale.upscaler_conditioning(  # one image per prompt embedding already: repeated once
+            prompt_embeds, negative_prompt_embeds, image_latents, level, num_images_per_prompt=1,
+            cross_attention_kwargs=cross_attention_kwargs,
         )
 
     @torch.no_grad()
@@ -385,11 +388,10 @@ class StableDiffusionUpscaleLDM3DPipeline(RGBDFinish, StableDiffusionBase):
         """Upscale `rgb` and its `depth` to `target_res` = [height, width]. `circular_padding=True` keeps the
         left and right edges of a 360-degree panorama joined (see `horizontal_wrap`)."""
         # 1. Check inputs
+        device = self.begin_call({}, guidance_scale=guidance_scale, output_type=output_type)
         rgb, depth, (height, width) = self.check_inputs(prompt, prompt_embeds, rgb, depth, noise_level, target_res,
-                                                        callback_steps, output_type)  # fmt: skip
+                                                        callback_steps)  # fmt: skip
         stages.check_steps(num_inference_steps, None, None)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
         with horizontal_wrap(self.unet, self.vae, enabled=circular_padding):
             # 2. Encode the prompt
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
@@ -402,25 +404,15 @@ class StableDiffusionUpscaleLDM3DPipeline(RGBDFinish, StableDiffusionBase):
             # 4. Timesteps
             timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
             # 5. Encode the RGB-D (the first random draw): conditioning channels, noise level as class labels
-            extra = {"cross_attention_kwargs": cross_attention_kwargs} if cross_attention_kwargs is not None else {}
-            cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds, extra)
-            self.add_rgbd_conditioning(cond, rgbd, noise_level, generator=generator,
-                                       num_images_per_prompt=num_images_per_prompt)  # fmt: skip
+            cond = self.rgbd_conditioning(prompt_embeds, negative_prompt_embeds, rgbd, noise_level,
+                                          generator=generator, num_images_per_prompt=num_images_per_prompt,
+                                          cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
             # 6. Initial noise, (B * n, 4, H / 8, W / 8)
-            shape = (prompt_embeds.shape[0], self.vae.config.latent_channels, *cond.extra_channels.shape[-2:])
-            latents = stages.prepare_latents(
-                shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
-                init_noise_sigma=self.scheduler.init_noise_sigma,
-            )
+            latents = upscale.noise_beside_image(self, cond, generator=generator, latents=latents)
             # 7. Denoise
-            hook = None
-            if callback is not None:
-                hook = stages.legacy_step_callback(callback, callback_steps, num_timesteps=len(timesteps),
-                                                   num_inference_steps=num_inference_steps,
-                                                   order=getattr(self.scheduler, "order", 1))  # fmt: skip
-            latents = stages.denoise(
-                self, latents, timesteps, cond, num_inference_steps=num_inference_steps, after_step=hook,
-                step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
+            latents = self.run_denoise(
+                latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+                callback=callback, callback_steps=callback_steps,
             )
             # 8. Decode RGB-D, check, convert
             return self.finish(latents, output_type, return_dict)

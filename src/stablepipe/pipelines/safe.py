@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import PIL.Image
@@ -21,6 +21,7 @@ from stablepipe.models.safety import black_out, run_safety_checker
 from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import arguments, stages, text, vae_codec
 from stablepipe.pipelines.base import diffusers_call
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -72,19 +73,25 @@ class StableDiffusionSafePipelineOutput(BaseOutput):
 
 @dataclasses.dataclass
 class SafeLatentDiffusion:
-    """Safe Latent Diffusion guidance (Schramowski et al. 2023, Eqs. 3-8) as a `stages.denoise` guide.
+    """Safe Latent Diffusion guidance (Schramowski et al. 2023, Eqs. 3-8) as a guider of the denoising loop.
 
     It takes the UNet's prediction for (uncond, cond, safety concept) and returns the guided noise; the
-    momentum of the safety guidance is its only state, so use one instance per generation.
+    momentum of the safety guidance is its only state, so a fresh instance serves each generation
+    (`choose_safe_guidance`).
     """
 
-    guidance_scale: float  # s_g, classifier-free guidance
+    scale: float  # s_g, classifier-free guidance
     sld_guidance_scale: float  # s_S, Eq. 6
     sld_warmup_steps: int  # delta: no safety guidance before this loop index (momentum builds up meanwhile)
     sld_threshold: float  # lambda, Eq. 6
     sld_momentum_scale: float  # s_m, Eq. 7
     sld_mom_beta: float  # beta_m, Eq. 8
     momentum: torch.Tensor | None = None  # (B, C, h, w): nu_t, Eq. 8
+    copies: ClassVar[int] = 3  # (uncond, cond, safety concept)
+
+    @property
+    def guided(self) -> bool:
+        return True
 
     def safety_guidance(self, uncond: torch.Tensor, cond: torch.Tensor, concept: torch.Tensor) -> torch.Tensor:
         """gamma(z_t, c_p, c_S) with momentum (Eqs. 4-8), updating the momentum. (B, C, h, w)"""
@@ -97,13 +104,40 @@ class SafeLatentDiffusion:
         self.momentum = self.sld_mom_beta * momentum + (1 - self.sld_mom_beta) * guidance  # Eq. 8
         return guidance
 
-    def __call__(self, i: int, t: torch.Tensor, noise_pred: torch.Tensor) -> torch.Tensor:
-        uncond, cond, concept = noise_pred.chunk(3)  # (B, C, h, w) each
+    def combine(self, i: int, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
+        """(3B, C, h, w) stacked (uncond, cond, concept) -> the guided noise (B, C, h, w)."""
+        uncond, cond, concept = prediction.chunk(3)  # (B, C, h, w) each
         guidance = cond - uncond
         safety = self.safety_guidance(uncond, cond, concept)
         if i >= self.sld_warmup_steps:
             guidance = guidance - safety  # Eq. 3
-        return uncond + self.guidance_scale * guidance
+        return uncond + self.scale * guidance
+
+    __call__ = combine  # also a plain function (i, t, prediction) -> guided noise
+
+
+def choose_safe_guidance(
+    guided: bool,
+    guidance_scale: float,
+    *,
+    sld_guidance_scale: float,
+    sld_warmup_steps: int,
+    sld_threshold: float,
+    sld_momentum_scale: float,
+    sld_mom_beta: float,
+) -> SafeLatentDiffusion | None:
+    """Whether safe latent diffusion is on, decided here and nowhere else: on top of classifier-free guidance
+    (`guided`) with sld_guidance_scale > 1. Returns a fresh guider (its momentum starts at zero), or None: the
+    call's own guider then runs (classifier-free guidance, or none)."""
+    check_sld_arguments(
+        sld_warmup_steps, sld_mom_beta, sld_guidance_scale=sld_guidance_scale, sld_threshold=sld_threshold,
+        sld_momentum_scale=sld_momentum_scale,
+    )
+    if not guided or sld_guidance_scale <= 1:
+        return None
+    return SafeLatentDiffusion(
+        guidance_scale, sld_guidance_scale, sld_warmup_steps, sld_threshold, sld_momentum_scale, sld_mom_beta
+    )
 
 
 def check_sld_arguments(sld_warmup_steps: int, sld_mom_beta: float, **scales: float) -> None:
@@ -206,56 +240,45 @@ class StableDiffusionPipelineSafe(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,
     ) -> StableDiffusionSafePipelineOutput | tuple:
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
-        # 1. Check inputs
+        # 1. Check inputs; safe latent diffusion on or off
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
         height, width = self.default_size(height, width)
         stages.check_size(height, width)
         stages.check_steps(num_inference_steps, None, None)
         stages.check_callback_steps(callback_steps)
-        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        check_sld_arguments(
-            sld_warmup_steps, sld_mom_beta, sld_guidance_scale=sld_guidance_scale, sld_threshold=sld_threshold,
-            sld_momentum_scale=sld_momentum_scale,
+        sld = choose_safe_guidance(
+            self.do_classifier_free_guidance, guidance_scale, sld_guidance_scale=sld_guidance_scale,
+            sld_warmup_steps=sld_warmup_steps, sld_threshold=sld_threshold, sld_momentum_scale=sld_momentum_scale,
+            sld_mom_beta=sld_mom_beta,
         )
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        safe = sld_guidance_scale > 1 and self.do_classifier_free_guidance
-        if not safe:
+        if sld is None:
             self.warn_once("Safe latent diffusion is off: it needs guidance_scale > 1 and sld_guidance_scale > 1.")
-        device = self.device
         # 2. Encode the prompt, and the safety concept
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance,
             negative_prompt=negative_prompt, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
         )
         batch = prompt_embeds.shape[0]
-        concept_embeds = self.encode_safety_concept(batch, device=device, like=prompt_embeds) if safe else None
+        concept = None if sld is None else self.encode_safety_concept(batch, device=device, like=prompt_embeds)
         # 3. Timesteps
         timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
         # 4. Initial noise
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = stages.prepare_latents(
-            shape, dtype=prompt_embeds.dtype, device=device, generator=generator, latents=latents,
-            init_noise_sigma=self.scheduler.init_noise_sigma,
+        latents = self.initial_noise(
+            batch, height, width, dtype=prompt_embeds.dtype, generator=generator, latents=latents,
+            channels=self.unet.config.in_channels,
         )
         # 5. Denoise, with safety guidance
-        guide = SafeLatentDiffusion(
-            guidance_scale, sld_guidance_scale, sld_warmup_steps, sld_threshold, sld_momentum_scale, sld_mom_beta
-        ) if safe else None
-        after_step = None if callback is None else stages.legacy_step_callback(
-            callback, callback_steps, num_timesteps=len(timesteps), num_inference_steps=num_inference_steps,
-            order=getattr(self.scheduler, "order", 1),
-        )
-        latents = stages.denoise(
-            self, latents, timesteps,
-            stages.Conditioning(prompt_embeds, negative_prompt_embeds, concept_embeds=concept_embeds),
-            num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta), guide=guide,
-            after_step=after_step, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        latents = self.run_denoise(
+            latents, timesteps, Conditioning(prompt_embeds, negative_prompt_embeds, concept_embeds=concept),
+            num_inference_steps=num_inference_steps, generator=generator, eta=eta, callback=callback,
+            callback_steps=callback_steps, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, guider=sld,
         )
         # 6. Decode, check (keeping the flagged images), convert
-        applied_concept = self._safety_concept if safe else None
+        applied_concept = None if sld is None else self._safety_concept
         images, flags, unsafe = self.finish_safe(latents, output_type)
         if not return_dict:
             return images, flags, applied_concept, unsafe  # diffusers' tuple order

@@ -21,11 +21,7 @@ from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import arguments, image_stages, sdxl_stages, stages, text, vae_codec
 from stablepipe.pipelines.base import DiffusionPipeline, diffusers_call, processor_kwargs
 from stablepipe.pipelines.denoising import Conditioning
-from stablepipe.pipelines.inpaint import (
-    StableDiffusionInpaintPipeline,
-    check_masked_image_latents,
-    check_padding_mask_crop,
-)
+from stablepipe.pipelines.inpaint import InpaintStages, paste_back
 from stablepipe.pipelines.ip_adapter import IPAdapterPipelineMixin, ip_adapter_unet_kwargs
 from stablepipe.pipelines.sdxl_stages import MicroConditioning
 from stablepipe.pipelines.text import PromptEmbeds
@@ -298,13 +294,18 @@ class StableDiffusionXLImageBase(StableDiffusionXLBase):
         self.requires_aesthetics_score = requires_aesthetics_score
 
     def check_image_inputs(
-        self, strength: float, num_inference_steps: int, denoising: tuple[float | None, float | None], custom: bool
-    ) -> None:
-        """strength in [0, 1] (leaving a step, unless `denoising_start` picks the steps), denoising fractions."""
+        self, strength: float, num_inference_steps: int, schedule: tuple, denoising: tuple[float | None, float | None],
+        pooled_prompt_embeds: torch.Tensor | None,
+    ) -> None:  # fmt: skip
+        """The steps (or custom `schedule` = (timesteps, sigmas)), strength in [0, 1] leaving a step (unless
+        `denoising_start` or a custom schedule picks the steps), the denoising fractions, the UNet's time ids."""
+        stages.check_steps(num_inference_steps, *schedule)
         denoising_start, denoising_end = denoising
         sdxl_stages.check_denoising_fractions(denoising_start, denoising_end)
-        steps = None if custom or sdxl_stages.is_fraction(denoising_start) else num_inference_steps
-        image_stages.check_strength(strength, steps)
+        custom = any(values is not None for values in schedule)
+        image_stages.check_strength(strength, None if custom or sdxl_stages.is_fraction(denoising_start)
+                                    else num_inference_steps)  # fmt: skip
+        self.check_time_ids(pooled_prompt_embeds)
         self._denoising_start, self._denoising_end = denoising_start, denoising_end
 
     def image_timesteps(
@@ -382,10 +383,8 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
             unsupported, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, output_type=output_type,
             callback_inputs=callback_on_step_end_tensor_inputs,
         )
-        stages.check_steps(num_inference_steps, timesteps, sigmas)
-        custom_schedule = timesteps is not None or sigmas is not None
-        self.check_image_inputs(strength, num_inference_steps, (denoising_start, denoising_end), custom_schedule)
-        self.check_time_ids(pooled_prompt_embeds)
+        self.check_image_inputs(strength, num_inference_steps, (timesteps, sigmas), (denoising_start, denoising_end),
+                                pooled_prompt_embeds)  # fmt: skip
         micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                   negative_crops_coords_top_left, negative_target_size, aesthetic_score,
                                   negative_aesthetic_score)
@@ -425,7 +424,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
         return self.finish(latents, output_type, return_dict)
 
 
-class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusionInpaintPipeline):
+class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase):
     """SDXL inpainting with the base model or refiner (4-channel UNet: the known area is blended back after each
     step) or an SDXL inpainting UNet (9 channels). The latents, mask and blending stages are Stable Diffusion
     inpainting's; SDXL adds its conditioning, the float32 VAE and `denoising_start` / `denoising_end`."""
@@ -487,14 +486,13 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
             callback_inputs=callback_on_step_end_tensor_inputs,
         )
         height, width = self.default_size(height, width)
-        stages.check_steps(num_inference_steps, timesteps, sigmas)
-        custom_schedule = timesteps is not None or sigmas is not None
-        self.check_image_inputs(strength, num_inference_steps, (denoising_start, denoising_end), custom_schedule)
-        self.check_time_ids(pooled_prompt_embeds)
+        self.check_image_inputs(strength, num_inference_steps, (timesteps, sigmas), (denoising_start, denoising_end),
+                                pooled_prompt_embeds)  # fmt: skip
         batch = stages.prompt_batch_size(prompt, prompt_embeds) * num_images_per_prompt
+        inpaint = self.inpaint_stages()
         images, masks = self.check_inpaint_inputs(
-            image, mask_image, masked_image_latents, height=height, width=width, batch=batch, generator=generator,
-            padding_mask_crop=padding_mask_crop, output_type=output_type, strength=strength,
+            inpaint, image, mask_image, masked_image_latents, height=height, width=width, batch=batch,
+            generator=generator, padding_mask_crop=padding_mask_crop, output_type=output_type, strength=strength,
         )
         micro = MicroConditioning(original_size, crops_coords_top_left, target_size, negative_original_size,
                                   negative_crops_coords_top_left, negative_target_size, aesthetic_score,
@@ -505,75 +503,58 @@ class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase, StableDiffusi
             PromptEmbeds(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
             device=device, num_images_per_prompt=num_images_per_prompt, clip_skip=clip_skip,
         )
+        dtype, guided = embeds.prompt_embeds.dtype, self.do_classifier_free_guidance
         # 3. Timesteps: from denoising_start, or the last `strength` of them; cut at denoising_end
         timesteps, num_inference_steps = self.image_timesteps(
             num_inference_steps, strength, device, timesteps=timesteps, sigmas=sigmas
         )
         # 4. Preprocess the image (B, 3, H, W) (or latents) and the mask (B, 1, H, W), cropped if asked
-        crop = None
-        if padding_mask_crop is not None:
-            crop = image_stages.mask_crop_region(masks[0], width, height, pad=padding_mask_crop)
-        size = dict(height=height, width=width, multiple=self.vae_scale_factor, crop=crop)
-        init_image = image_stages.preprocess_image(images, latent_channels=self.vae.config.latent_channels, **size)
-        mask = image_stages.preprocess_mask(masks, **size)
-        # 5. Starting latents, their noise and the image's latents (float32 VAE where needed)
+        init_image, mask, crop = inpaint.preprocess(
+            images, masks, height=height, width=width, padding_mask_crop=padding_mask_crop
+        )
+        # 5. Starting latents, their noise and the image's latents; the mask (and masked-image latents) at latent
+        # size; the VAE in float32 where it needs it
         with vae_codec.upcast_if_forced(self.vae):
-            latents, noise, image_latents = self.start_latents(
+            latents, noise, image_latents = inpaint.start_latents(
                 init_image, timesteps[:1], batch, strength=strength, latents=latents, generator=generator,
-                dtype=embeds.prompt_embeds.dtype, height=height, width=width,
+                dtype=dtype, height=height, width=width,
             )
+            extras = inpaint.mask_extras(init_image, mask, masked_latents_or_stand_in(self.vae, init_image,
+                                         masked_image_latents), batch, generator=generator, dtype=dtype, guided=guided)
         if denoising_start is not None:
             latents = image_latents  # continue from the image's (the base model's) latents, no noise added
-        # 6. Conditioning: text, micro-conditioning, mask and masked-image latents
-        cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs)
-        cond = stages.Conditioning(cond.prompt_embeds, cond.negative_prompt_embeds, cond.unet_kwargs)  # until H1
-        with vae_codec.upcast_if_forced(self.vae):
-            extras = self.mask_extras(
-                init_image, mask, self.masked_latents_or_stand_in(init_image, masked_image_latents), batch,
-                generator=generator, cond=cond,
-            )
+        # 6. Conditioning: text, micro-conditioning, IP-Adapter images, mask and masked-image latents
+        cond = self.image_conditioning(embeds, micro, latents, cross_attention_kwargs,
+                                       ip_adapter=(ip_adapter_image, ip_adapter_image_embeds))  # fmt: skip
+        cond.extra_channels = extras.channels()
         # 7. Denoise (a 4-channel UNet gets the known area blended back after each step)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            guidance_rescale=guidance_rescale,
-            after_step=None if self.inpainting_unet else self.blend_step(timesteps, extras, noise, image_latents, cond),
-            callback_on_step_end=image_stages.callback_with_extras(callback_on_step_end, extras, cond),
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback_on_step_end=extras.shown_to(callback_on_step_end, cond),
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            after_step=inpaint.blend_hooks(timesteps, extras, noise, image_latents, guided=guided),
         )
         # 8. Decode (float32 VAE where needed), convert, paste the crop back into the whole image
         output = self.finish(latents, output_type, return_dict=True)
-        if crop is not None:
-            output.images = image_stages.paste_crop_back(output.images, images[0], masks[0], crop)
+        output.images = paste_back(output.images, images, masks, crop)
         return output if return_dict else (output.images,)
 
-    def check_inpaint_inputs(
-        self, image, mask_image, masked_image_latents, *, height: int, width: int, batch: int, generator: Generator,
-        padding_mask_crop: int | None, output_type: str, strength: float,
-    ) -> tuple[image_stages.ImageBatch, image_stages.ImageBatch]:
-        """The checks that need no model run; returns the image (or latents) and mask as PIL images or tensors."""
-        stages.check_size(height, width, multiple=self.vae_scale_factor)
-        channels = self.vae.config.latent_channels
-        image_stages.check_unet_channels(self.unet, [2 * channels + 1, channels], type(self).__name__)
-        if isinstance(generator, list) and len(generator) != batch:
-            raise ValueError(f"got {len(generator)} generators for {batch} images; pass one or one per image")
-        if padding_mask_crop is not None:
-            check_padding_mask_crop(image, mask_image, padding_mask_crop, output_type)
-        images = image_stages.load_images(image, latent_channels=channels)
-        masks = image_stages.load_images(mask_image, kind="mask")
-        image_stages.check_mask_matches_image(masks, images, latent_channels=channels, scale=self.vae_scale_factor)
-        if masked_image_latents is not None:
-            check_masked_image_latents(masked_image_latents, (channels, height // self.vae_scale_factor,
-                                                              width // self.vae_scale_factor))
-        elif self.inpainting_unet and isinstance(images, torch.Tensor) and images.shape[1] == channels:
-            raise ValueError("`image` was given as latents; an inpainting UNet needs `masked_image_latents` too")
-        if self.inpainting_unet and sdxl_stages.is_fraction(self.denoising_start) and strength == 1.0:
-            raise ValueError("denoising_start with an inpainting UNet starts from the image: use strength < 1")
-        return images, masks
+    def inpaint_stages(self) -> InpaintStages:
+        return InpaintStages(self.vae, self.scheduler, self.unet, self.device)
 
-    def masked_latents_or_stand_in(self, init_image: torch.Tensor, masked_image_latents: torch.Tensor | None):
-        """`masked_image_latents`, or, when `image` is latents (the refiner continuing the base's), zeros: there
-        is no masked image to encode, and the 4-channel UNet that takes latents reads only the mask."""
-        if masked_image_latents is None and init_image.shape[1] == self.vae.config.latent_channels:
-            return torch.zeros_like(init_image[:1])  # (1, 4, h, w), never read
-        return masked_image_latents
+    def check_inpaint_inputs(self, inpaint: InpaintStages, image, mask_image, masked_image_latents, *, strength: float,
+                             **kwargs) -> tuple[image_stages.ImageBatch, image_stages.ImageBatch]:  # fmt: skip
+        """Inpainting's checks (a 4-channel UNet may start from the base's latents); returns the image (or
+        latents) and the mask as PIL images or tensors."""
+        if inpaint.inpainting_unet and sdxl_stages.is_fraction(self.denoising_start) and strength == 1.0:
+            raise ValueError("denoising_start with an inpainting UNet starts from the image: use strength < 1")
+        return inpaint.check_inputs(image, mask_image, masked_image_latents, pipeline=type(self).__name__,
+                                    plain_unet_takes_latents=True, **kwargs)  # fmt: skip
+
+
+def masked_latents_or_stand_in(vae, init_image: torch.Tensor, masked_image_latents: torch.Tensor | None):
+    """`masked_image_latents`, or, when `image` is latents (the refiner continuing the base's), zeros: there is no
+    masked image to encode, and the 4-channel UNet that takes latents reads only the mask."""
+    if masked_image_latents is None and init_image.shape[1] == vae.config.latent_channels:
+        return torch.zeros_like(init_image[:1])  # (1, 4, h, w), never read
+    return masked_image_latents

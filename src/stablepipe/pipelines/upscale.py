@@ -23,6 +23,7 @@ import torch
 from stablepipe.image import ImageInput
 from stablepipe.pipelines import arguments, image_stages, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator, randn_tensor
 
@@ -129,13 +130,34 @@ def low_res_conditioning(
     return extra, noise_level.repeat(extra.shape[0])
 
 
-def callback_hook(scheduler, callback: Callable | None, callback_steps: int, timesteps, num_inference_steps: int):
-    """diffusers' legacy `callback(step, t, latents)` every `callback_steps` steps, as a denoising hook (or None)."""
-    if callback is None:
-        return None
-    return stages.legacy_step_callback(callback, callback_steps, num_timesteps=len(timesteps),
-                                       num_inference_steps=num_inference_steps,
-                                       order=getattr(scheduler, "order", 1))  # fmt: skip
+def upscaler_conditioning(
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None,
+    image: torch.Tensor,
+    noise_level: torch.Tensor,
+    *,
+    num_images_per_prompt: int,
+    cross_attention_kwargs: dict[str, Any] | None,
+) -> Conditioning:
+    """What the upscalers' UNets are conditioned on (the x4 and the LDM3D one): the prompt embeddings (B * n, L,
+    D), `image` (1 or B, C, h, w) beside the latents as extra channels, repeated as `low_res_conditioning` says,
+    and the noise level (1,) as class labels."""
+    extra = {} if cross_attention_kwargs is None else {"cross_attention_kwargs": cross_attention_kwargs}
+    cond = Conditioning(prompt_embeds, negative_prompt_embeds, extra)
+    prompts = prompt_embeds.shape[0] // num_images_per_prompt
+    cond.extra_channels, cond.unet_kwargs["class_labels"] = low_res_conditioning(
+        image, noise_level, batch_size=prompts, num_images_per_prompt=num_images_per_prompt, copies=cond.copies
+    )
+    return cond
+
+
+def noise_beside_image(pipe, cond: Conditioning, *, generator: Generator, latents: torch.Tensor | None):
+    """The upscalers' initial noise (B, C_latent, h, w): one latent per prompt embedding, as large as the image
+    beside it (`cond.extra_channels`, (copies * B, C, h, w)), drawn (or checked) by `pipe.initial_noise`."""
+    scale = pipe.vae_scale_factor
+    height, width = (side * scale for side in cond.extra_channels.shape[-2:])
+    return pipe.initial_noise(cond.prompt_embeds.shape[0], height, width, dtype=cond.prompt_embeds.dtype,
+                              generator=generator, latents=latents)  # fmt: skip
 
 
 # ---- tiling --------------------------------------------------------------------------------------------------
@@ -307,39 +329,30 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         """Upscale `image` 4x. `tile_size` (low-res pixels, a multiple of the UNet's 2^levels) runs the UNet and
         the VAE decode in tiles overlapping by `tile_overlap` (default tile_size / 4), blended at the seams."""
         # 1. Check inputs
+        device = self.begin_call({}, guidance_scale=guidance_scale, output_type=output_type)
         batch, tiles = self.check_inputs(prompt, image, noise_level, prompt_embeds, callback_steps, tile_size,
                                          tile_overlap)  # fmt: skip
         stages.check_steps(num_inference_steps, None, None)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
         # 2. Encode the prompt
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_images_per_prompt, self.do_classifier_free_guidance, negative_prompt=negative_prompt,
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds, clip_skip=clip_skip,
         )
-        prompts = prompt_embeds.shape[0] // num_images_per_prompt
         # 3. The low-res image, (B_img, 3, H, W) in [-1, 1]
         low_res = preprocess_low_res(batch, multiple=self.vae_scale_factor).to(device, prompt_embeds.dtype)
         # 4. Timesteps
         timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
         # 5. Noise the low-res image; conditioning channels and class labels
-        cond = stages.Conditioning(prompt_embeds, negative_prompt_embeds)
         noisy, level = noise_low_res(self.low_res_scheduler, low_res, noise_level, generator=generator)
-        cond.extra_channels, cond.unet_kwargs["class_labels"] = low_res_conditioning(
-            noisy, level, batch_size=prompts, num_images_per_prompt=num_images_per_prompt, copies=cond.copies
-        )
-        if cross_attention_kwargs is not None:
-            cond.unet_kwargs["cross_attention_kwargs"] = cross_attention_kwargs
+        cond = upscaler_conditioning(prompt_embeds, negative_prompt_embeds, noisy, level,
+                                     num_images_per_prompt=num_images_per_prompt,
+                                     cross_attention_kwargs=cross_attention_kwargs)  # fmt: skip
         # 6. Initial noise, (B * n, 4, H, W)
-        shape = (prompt_embeds.shape[0], self.vae.config.latent_channels, *low_res.shape[-2:])
-        latents = stages.prepare_latents(shape, dtype=prompt_embeds.dtype, device=device, generator=generator,
-                                         latents=latents, init_noise_sigma=self.scheduler.init_noise_sigma)  # fmt: skip
+        latents = noise_beside_image(self, cond, generator=generator, latents=latents)
         # 7. Denoise, whole or tile by tile
-        hook = callback_hook(self.scheduler, callback, callback_steps, timesteps, num_inference_steps)
-        latents = stages.denoise(
-            self, latents, timesteps, cond, num_inference_steps=num_inference_steps, after_step=hook,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta),
-            model=TiledUNet(self.unet, tiles) if tiles else None,
+        latents = self.run_denoise(
+            latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
+            callback=callback, callback_steps=callback_steps, model=TiledUNet(self.unet, tiles) if tiles else None,
         )
         # 8. Decode (tiled too), check, convert
         with vae_tiling(self.vae, tiles):

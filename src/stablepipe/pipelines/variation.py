@@ -15,6 +15,7 @@ import torch
 
 from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
+from stablepipe.pipelines.denoising import Conditioning
 from stablepipe.pipelines.stable_diffusion import SAFETY_OFF_WARNING, StableDiffusionBase
 from stablepipe.random import Generator
 
@@ -108,16 +109,15 @@ class StableDiffusionImageVariationPipeline(StableDiffusionBase):
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         **unsupported: Any,
     ) -> StableDiffusionPipelineOutput:
-        if unsupported:
-            raise TypeError(f"{type(self).__name__} got unknown arguments {sorted(unsupported)}")
         # 1. Check inputs
+        device = self.begin_call(
+            unsupported, guidance_scale=guidance_scale, output_type=output_type,
+            callback_inputs=callback_on_step_end_tensor_inputs,
+        )
         height, width = self.default_size(height, width)
         stages.check_size(height, width)
         stages.check_steps(num_inference_steps, None, None)
         stages.check_callback_steps(callback_steps)
-        stages.check_callback_inputs(callback_on_step_end_tensor_inputs, self._callback_tensor_inputs)
-        self._guidance_scale, self._interrupt = guidance_scale, False
-        device = self.device
         # 2. Encode the image
         image_embeds, negative_embeds = self.encode_image(
             image, device, num_images_per_prompt, self.do_classifier_free_guidance
@@ -126,20 +126,14 @@ class StableDiffusionImageVariationPipeline(StableDiffusionBase):
         # 3. Timesteps
         timesteps, num_inference_steps = stages.retrieve_timesteps(self.scheduler, num_inference_steps, device)
         # 4. Initial noise
-        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        latents = stages.prepare_latents(
-            shape, dtype=image_embeds.dtype, device=device, generator=generator, latents=latents,
-            init_noise_sigma=self.scheduler.init_noise_sigma,
+        latents = self.initial_noise(
+            batch, height, width, dtype=image_embeds.dtype, generator=generator, latents=latents,
+            channels=self.unet.config.in_channels,
         )
         # 5. Denoise
-        after_step = None if callback is None else stages.legacy_step_callback(
-            callback, callback_steps, num_timesteps=len(timesteps), num_inference_steps=num_inference_steps,
-            order=getattr(self.scheduler, "order", 1),
-        )
-        latents = stages.denoise(
-            self, latents, timesteps, stages.Conditioning(image_embeds, negative_embeds),
-            num_inference_steps=num_inference_steps,
-            step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta), after_step=after_step,
+        latents = self.run_denoise(
+            latents, timesteps, Conditioning(image_embeds, negative_embeds), num_inference_steps=num_inference_steps,
+            generator=generator, eta=eta, callback=callback, callback_steps=callback_steps,
             callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
         )
