@@ -161,9 +161,16 @@ def metadata_alphas(metadata: Mapping[str, str]) -> dict[str, float]:
 # ---- finding the layers -------------------------------------------------------------------------------------
 
 
+def is_ip_adapter_layer(name: str) -> bool:
+    """An IP-Adapter's own projection (its image projection, its attention processors' key/value layers): loaded
+    with the adapter, not adaptable by a LoRA, and absent from the original checkpoints' key maps."""
+    return name.startswith("encoder_hid_proj") or ".processor." in name
+
+
 def module_table(component: str, model: torch.nn.Module) -> dict[str, str]:
     """Every name a LoRA file may use for an adaptable layer of `model` -> that layer's module name."""
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+             and not is_ip_adapter_layer(n)]  # fmt: skip
     flat = component.startswith("text_encoder") and not hasattr(model, "text_model")
     spellings = {n: [n, *(["text_model." + n] if flat and not n.startswith("text_projection") else [])] for n in names}
     if component == "unet" and hasattr(model, "config"):  # SDXL kohya files use the original (ldm) names

@@ -138,13 +138,3 @@ class DenoisingCallMixin:
             step_kwargs=stages.step_kwargs(self.scheduler, generator=generator, eta=eta), hooks=hooks,
             progress=lambda total: self.progress_bar(total=total),
         )
-
-    # ---- transitional: pipelines not yet on `begin_call` set `_guidance_scale` themselves ----------------
-
-    @property
-    def _guidance_scale(self) -> float:
-        return self._guider.scale
-
-    @_guidance_scale.setter
-    def _guidance_scale(self, value: float) -> None:
-        self._guider = denoising.choose_guider(value, distilled=self.guidance_distilled())

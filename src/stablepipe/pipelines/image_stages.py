@@ -496,8 +496,3 @@ class UNetExtras:
             return outputs
 
         return with_extras
-
-
-def callback_with_extras(callback: Callable | None, extras: UNetExtras, cond: Conditioning) -> Callable | None:
-    """Until SDXL inpainting calls `extras.shown_to(callback, cond)` itself."""
-    return extras.shown_to(callback, cond)

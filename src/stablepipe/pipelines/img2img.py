@@ -94,7 +94,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             device=device,
         )
         # 6. Denoise
-        cond = Conditioning(prompt_embeds, negative_prompt_embeds, self.unet_kwargs(batch, cross_attention_kwargs))
+        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds)
+        cond = Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs)
         latents = self.run_denoise(
             latents, timesteps, cond, num_inference_steps=num_inference_steps, generator=generator, eta=eta,
             callback_on_step_end=callback_on_step_end,

@@ -119,7 +119,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
         extras = inpaint.mask_extras(
             init_image, mask, masked_image_latents, batch, generator=generator, dtype=prompt_embeds.dtype, guided=guided
         )
-        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs)
+        unet_kwargs = self.unet_kwargs(batch, cross_attention_kwargs, ip_adapter_image, ip_adapter_image_embeds)
         cond = Conditioning(prompt_embeds, negative_prompt_embeds, unet_kwargs, extra_channels=extras.channels())
         # 7. Denoise (a 4-channel UNet gets the known area blended back after each step)
         latents = self.run_denoise(
@@ -141,23 +141,6 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
     def inpainting_unet(self) -> bool:
         """True for a 9-channel inpainting UNet, False for a plain 4-channel one."""
         return self.inpaint_stages().inpainting_unet
-
-    # ---- until SDXL inpainting calls InpaintStages itself (it inherits these) -----------------------------
-
-    def start_latents(self, init_image: torch.Tensor, timestep: torch.Tensor, batch: int, **kwargs):
-        return self.inpaint_stages().start_latents(init_image, timestep, batch, **kwargs)
-
-    def mask_extras(self, init_image, mask, masked_image_latents, batch: int, *, generator: Generator, cond):
-        extras = self.inpaint_stages().mask_extras(
-            init_image, mask, masked_image_latents, batch, generator=generator, dtype=cond.prompt_embeds.dtype,
-            guided=self.do_classifier_free_guidance,
-        )
-        cond.extra_channels = extras.channels()
-        return extras
-
-    def blend_step(self, timesteps, extras, noise, image_latents, cond) -> StepHook:
-        guided = self.do_classifier_free_guidance
-        return self.inpaint_stages().blend_hooks(timesteps, extras, noise, image_latents, guided=guided)[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,6 +67,7 @@ class StepCachedUNet:
         """The outermost level only, on the kept deep features: (B, out_channels, H, W)."""
         unet = self.unet
         emb = unet.embed(sample, timestep, class_labels, timestep_cond, added_cond_kwargs)  # (B, temb)
+        context = unet.process_encoder_hidden_states(context, added_cond_kwargs)  # + IP-Adapter image tokens
         x = unet.conv_in(2 * sample - 1.0 if unet.config.center_input_sample else sample)  # (B, C0, H, W)
         skips = [x]
         first, last = unet.down_blocks[0], unet.up_blocks[-1]
