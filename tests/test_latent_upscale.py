@@ -172,3 +172,22 @@ def test_wrong_scheduler_and_unet_are_refused(x2_pipes):
                                            mid_block_type=None)  # fmt: skip
     with pytest.raises(ValueError, match="8 input channels"):
         stablepipe.StableDiffusionLatentUpscalePipeline(**{**ours.components, "unet": unet})
+
+
+def test_sigmas_by_timestep_pairs_by_position_and_refuses_ambiguous_timesteps():
+    from stablepipe.pipelines.latent_upscale import sigmas_by_timestep
+
+    scheduler = stablepipe.EulerDiscreteScheduler(prediction_type="sample")
+    scheduler.set_timesteps(4)
+    table = sigmas_by_timestep(scheduler)
+    assert list(table) == scheduler.timesteps.tolist()
+    assert all(torch.equal(table[t], s) for t, s in zip(scheduler.timesteps.tolist(), scheduler.sigmas, strict=False))
+
+    class Repeating:  # a second-order schedule repeats timesteps; a different sigma at the same t is ambiguous
+        timesteps = torch.tensor([999.0, 500.0, 500.0])
+        sigmas = torch.tensor([14.6, 2.0, 1.5, 0.0])
+
+    with pytest.raises(ValueError, match="timestep 500.0 two different sigmas"):
+        sigmas_by_timestep(Repeating())
+    Repeating.sigmas = torch.tensor([14.6, 2.0, 2.0, 0.0])  # repeated with the same sigma: fine
+    assert len(sigmas_by_timestep(Repeating())) == 2

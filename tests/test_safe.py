@@ -297,3 +297,23 @@ def test_cli_generate_safe_errors(safe_folder, capsys):
     assert "invalid choice: 'EXTREME'" in capsys.readouterr().err
     assert main(["generate", "x", "--model", str(safe_folder), "--safety-concept", "y"]) == 2
     assert "--safety-concept needs --safe LEVEL" in capsys.readouterr().err
+
+
+def test_safe_guidance_is_chosen_in_one_place():
+    """On only with classifier-free guidance and sld_guidance_scale > 1; a fresh guider (no momentum) each time."""
+    from stablepipe.pipelines.safe import choose_safe_guidance
+
+    args = dict(sld_guidance_scale=1000.0, sld_warmup_steps=2, sld_threshold=0.01, sld_momentum_scale=0.3,
+                sld_mom_beta=0.4)  # fmt: skip
+    assert choose_safe_guidance(False, 1.0, **args) is None  # no guidance: nothing to steer against
+    assert choose_safe_guidance(True, 7.5, **{**args, "sld_guidance_scale": 1.0}) is None  # switched off
+    first, second = choose_safe_guidance(True, 7.5, **args), choose_safe_guidance(True, 7.5, **args)
+    assert isinstance(first, SafeLatentDiffusion) and first is not second
+    assert first.copies == 3 and first.scale == 7.5 and first.momentum is None
+    prediction = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    uncond, cond, _ = prediction.chunk(3)
+    during_warmup = first(0, torch.tensor(10), prediction)  # warmup: plain classifier-free guidance
+    assert torch.allclose(during_warmup, uncond + 7.5 * (cond - uncond)) and first.momentum is not None
+    assert not torch.allclose(first(2, torch.tensor(5), prediction), during_warmup)  # after warmup: steered
+    with pytest.raises(ValueError, match="sld_warmup_steps"):
+        choose_safe_guidance(True, 7.5, **{**args, "sld_warmup_steps": -1})
