@@ -49,31 +49,7 @@ FORBIDDEN_SIDEWAYS: tuple[tuple[str, str], ...] = (
 
 # Known upward or cyclic edges whose fix lives in files outside this change, each with the fix proposed.
 # The lead deletes an entry once its fix lands; the tests then hold the line. Nothing else belongs here.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("stablepipe.configuration", "stablepipe"): (
-        "configuration.py imports `__version__` from the root package (which names every layer); "
-        "fix: `from stablepipe.version import __version__`"
-    ),
-    ("stablepipe.pipelines.base", "stablepipe"): (
-        "pipelines/base.py `pipeline_class` looks pipeline names up in the root package's `_EXPORTS`; fix: a table "
-        "of the pipeline classes by name (to their modules) in the pipelines package, which the root's table and "
-        "`pipeline_class` both read"
-    ),
-    ("stablepipe.loading.single_file", "stablepipe.pipelines.base"): (
-        "transitional (`single_file._generic_resolver`): `DiffusionPipeline.from_single_file` in pipelines/base.py "
-        "does not pass `resolve_class` yet; fix: pass `resolve_class=pipeline_class if cls is DiffusionPipeline "
-        "else None` there, then delete `_generic_resolver`"
-    ),
-    ("stablepipe.schedulers.base", "stablepipe.schedulers"): (
-        "schedulers/base.py `compatibles` imports SCHEDULER_CLASSES from the package that imports base.py; fix: "
-        "walk `SchedulerMixin.__subclasses__()` (the package imports every scheduler before any one is used)"
-    ),
-    ("stablepipe.schedulers.names", "stablepipe.schedulers"): (
-        "schedulers/names.py `get_scheduler_class` imports SCHEDULER_CLASSES from the package that imports "
-        "names.py; fix: define SCHEDULER_CLASSES in names.py (it imports every scheduler class already) and "
-        "re-export it from the package"
-    ),
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 @dataclass(frozen=True)

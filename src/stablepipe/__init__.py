@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from stablepipe.pipelines.registry import PIPELINE_MODULES
 from stablepipe.version import __version__ as __version__
 
 # Public name -> module that defines it. Imported on first use, so `import stablepipe` stays cheap.
@@ -20,29 +21,25 @@ _EXPORTS = {
     "SchedulerOutput": "stablepipe.schedulers",
     "AttnProcessor": "stablepipe.models.attention",
     "AttnProcessor2_0": "stablepipe.models.attention",
+    "IPAdapterAttnProcessor": "stablepipe.models.attention",
+    "IPAdapterAttnProcessor2_0": "stablepipe.models.attention",
+    "ImageProjection": "stablepipe.models.embeddings",
+    "IPAdapterPlusImageProjection": "stablepipe.models.embeddings",
+    "IPAdapterFaceIDImageProjection": "stablepipe.models.embeddings",
+    "IPAdapterFullImageProjection": "stablepipe.models.embeddings",
+    "MultiIPAdapterImageProjection": "stablepipe.models.embeddings",
+    "IPAdapterMixin": "stablepipe.loading.ip_adapter",
     "UNet2DConditionOutput": "stablepipe.models.unet",
     "AutoencoderKLOutput": "stablepipe.models.vae",
     "DecoderOutput": "stablepipe.models.vae",
     "StableDiffusionXLPipelineOutput": "stablepipe.pipelines.sdxl",
     "StableDiffusionSafePipelineOutput": "stablepipe.pipelines.safe",
+    "SafetyConfig": "stablepipe.pipelines.safe",
     "DiffusionPipeline": "stablepipe.pipelines.base",
     "NonFiniteResultError": "stablepipe.pipelines.arguments",
     "StableDiffusionPipelineOutput": "stablepipe.pipelines.base",
-    "StableDiffusionPipeline": "stablepipe.pipelines.stable_diffusion",
-    "StableDiffusionImg2ImgPipeline": "stablepipe.pipelines.img2img",
-    "StableDiffusionInpaintPipeline": "stablepipe.pipelines.inpaint",
-    "StableDiffusionDepth2ImgPipeline": "stablepipe.pipelines.depth2img",
-    "StableDiffusionImageVariationPipeline": "stablepipe.pipelines.variation",
-    "StableDiffusionPipelineSafe": "stablepipe.pipelines.safe",
-    "SafetyConfig": "stablepipe.pipelines.safe",
-    "StableDiffusionUpscalePipeline": "stablepipe.pipelines.upscale",
-    "StableDiffusionLatentUpscalePipeline": "stablepipe.pipelines.latent_upscale",
-    "StableDiffusionXLPipeline": "stablepipe.pipelines.sdxl",
-    "StableDiffusionXLImg2ImgPipeline": "stablepipe.pipelines.sdxl",
-    "StableDiffusionXLInpaintPipeline": "stablepipe.pipelines.sdxl",
-    "StableDiffusionLDM3DPipeline": "stablepipe.pipelines.ldm3d",
-    "StableDiffusionUpscaleLDM3DPipeline": "stablepipe.pipelines.ldm3d",
     "LDM3DPipelineOutput": "stablepipe.pipelines.ldm3d",
+    **PIPELINE_MODULES,  # the pipeline classes, from the table `pipeline_class` reads too
 }
 
 

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from stablepipe import __version__
+from stablepipe.version import __version__
 
 
 class FrozenConfig(dict):

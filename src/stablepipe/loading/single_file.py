@@ -323,7 +323,6 @@ def load_pipeline(
     checkpoint = read_checkpoint(resolve_file(path, hub_kwargs), torch_dtype)
     plan = make_plan(checkpoint, config=config, prediction_type=prediction_type, hub_kwargs=dict(hub_kwargs))
     hub_kwargs.pop("revision", None)
-    resolve_class = resolve_class or _generic_resolver(pipeline_cls)
     if resolve_class is not None:
         pipeline_cls = resolve_class(plan.pipeline)
     known = set(pipeline_cls.component_names()) | set(pipeline_cls._config_keys)
@@ -337,15 +336,6 @@ def load_pipeline(
     settings = {k: v for k, v in plan.pipeline_config.items() if k in pipeline_cls._config_keys}
     settings.update({k: v for k, v in kwargs.items() if k in pipeline_cls._config_keys})
     return pipeline_cls(**built, **settings)
-
-
-def _generic_resolver(pipeline_cls) -> Callable[[str], type] | None:
-    """Transitional, until `DiffusionPipeline.from_single_file` (pipelines/base.py) passes `resolve_class`
-    itself: the pipeline-class lookup when `pipeline_cls` is the generic `DiffusionPipeline`, else None.
-    (tests/test_import_graph.py allows this one import from loading into pipelines until then.)"""
-    from stablepipe.pipelines.base import DiffusionPipeline, pipeline_class
-
-    return pipeline_class if pipeline_cls is DiffusionPipeline else None
 
 
 # ---- writing a single file -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines.call import DenoisingCallMixin
 from stablepipe.pipelines.ip_adapter import image_projection_layers
 from stablepipe.pipelines.memory import MemoryOptionsMixin
+from stablepipe.pipelines.registry import PIPELINE_MODULES
 
 
 @dataclasses.dataclass
@@ -195,7 +196,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
 
         torch_dtype = resolve_dtype(torch_dtype, kwargs.pop("dtype", None))
         return load_pipeline(
-            cls, path, config=config, prediction_type=prediction_type, torch_dtype=torch_dtype, **kwargs
+            cls, path, config=config, prediction_type=prediction_type, torch_dtype=torch_dtype,
+            resolve_class=pipeline_class if cls is DiffusionPipeline else None, **kwargs,
         )
 
     def save_single_file(
@@ -230,11 +232,10 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
 
 def pipeline_class(name: Any, *, where: str | None = None) -> type[DiffusionPipeline]:
     """The stablepipe pipeline class with diffusers' name `name` (`where`: the model_index.json it came from)."""
-    stablepipe = importlib.import_module("stablepipe")
-    found = getattr(stablepipe, name, None) if isinstance(name, str) else None
-    if isinstance(found, type) and issubclass(found, DiffusionPipeline) and found is not DiffusionPipeline:
-        return found
-    known = sorted(k for k in stablepipe._EXPORTS if "Pipeline" in k and "Output" not in k and k != "DiffusionPipeline")
+    module = PIPELINE_MODULES.get(name) if isinstance(name, str) else None
+    if module is not None:
+        return getattr(importlib.import_module(module), name)
+    known = sorted(PIPELINE_MODULES)
     source = f"{where} names _class_name {name!r}" if where else f"{name!r} is not a stablepipe pipeline"
     if where and name is None:
         source = f"{where} has no _class_name"

@@ -41,10 +41,7 @@ class StableDiffusionBase(IPAdapterPipelineMixin, DiffusionPipeline):
         requires_safety_checker: bool = True,
     ):
         """diffusers' components; `image_encoder` is the CLIP vision model IP-Adapters read (`load_ip_adapter`)."""
-        if safety_checker is None and requires_safety_checker:
-            self.warn_once(SAFETY_OFF_WARNING)
-        if safety_checker is not None and feature_extractor is None:
-            raise ValueError("a safety_checker needs its feature_extractor (a CLIPImageProcessor); pass both")
+        self.check_safety_components(safety_checker, feature_extractor, warn_if_off=requires_safety_checker)
         self.register_modules(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
             safety_checker=safety_checker, feature_extractor=feature_extractor, image_encoder=image_encoder,
@@ -80,6 +77,13 @@ class StableDiffusionBase(IPAdapterPipelineMixin, DiffusionPipeline):
 
     def disable_freeu(self) -> None:
         self.unet.disable_freeu()
+
+    def check_safety_components(self, safety_checker, feature_extractor, *, warn_if_off: bool) -> None:
+        """A safety checker comes with its feature extractor; without one, a warning (once) where asked."""
+        if safety_checker is None and warn_if_off:
+            self.warn_once(SAFETY_OFF_WARNING)
+        if safety_checker is not None and feature_extractor is None:
+            raise ValueError("a safety_checker needs its feature_extractor (a CLIPImageProcessor); pass both")
 
     def unet_kwargs(
         self, batch: int, cross_attention_kwargs: dict[str, Any] | None, ip_adapter_image=None,

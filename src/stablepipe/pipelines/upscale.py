@@ -272,8 +272,7 @@ class StableDiffusionUpscalePipeline(StableDiffusionBase):
         max_noise_level: int = 350,
     ):
         image_stages.check_unet_channels(unet, [vae.config.latent_channels + 3], type(self).__name__)
-        if safety_checker is not None and feature_extractor is None:
-            raise ValueError("a safety_checker needs its feature_extractor (a CLIPImageProcessor); pass both")
+        self.check_safety_components(safety_checker, feature_extractor, warn_if_off=False)
         if abs(vae.config.scaling_factor - X4_SCALING_FACTOR) > 1e-6:
             self.warn_once(
                 f"this VAE's scaling_factor is {vae.config.scaling_factor}, not the x4 upscaler's {X4_SCALING_FACTOR}; "

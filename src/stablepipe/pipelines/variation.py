@@ -16,7 +16,7 @@ import torch
 from stablepipe.pipelines import arguments, stages
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput
 from stablepipe.pipelines.denoising import Conditioning
-from stablepipe.pipelines.stable_diffusion import SAFETY_OFF_WARNING, StableDiffusionBase
+from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
 VariationImage = PIL.Image.Image | list[PIL.Image.Image] | torch.Tensor
@@ -68,10 +68,7 @@ class StableDiffusionImageVariationPipeline(StableDiffusionBase):
         feature_extractor=None,
         requires_safety_checker: bool = True,
     ):
-        if safety_checker is None and requires_safety_checker:
-            self.warn_once(SAFETY_OFF_WARNING)
-        if safety_checker is not None and feature_extractor is None:
-            raise ValueError("a safety_checker needs its feature_extractor (a CLIPImageProcessor); pass both")
+        self.check_safety_components(safety_checker, feature_extractor, warn_if_off=requires_safety_checker)
         self.register_modules(
             vae=vae, image_encoder=image_encoder, unet=unet, scheduler=scheduler,
             safety_checker=safety_checker, feature_extractor=feature_extractor,

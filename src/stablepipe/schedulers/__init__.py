@@ -17,38 +17,35 @@ from stablepipe.schedulers.heun import HeunDiscreteScheduler
 from stablepipe.schedulers.kdpm2 import KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler
 from stablepipe.schedulers.lcm import LCMScheduler
 from stablepipe.schedulers.lms import LMSDiscreteScheduler
-from stablepipe.schedulers.names import get_scheduler_class, list_scheduler_names, scheduler_from_name
+from stablepipe.schedulers.names import (
+    SCHEDULER_CLASSES,
+    get_scheduler_class,
+    list_scheduler_names,
+    scheduler_from_name,
+)
 from stablepipe.schedulers.pndm import PNDMScheduler
 from stablepipe.schedulers.unipc import UniPCMultistepScheduler
 
-SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {
-    cls.__name__: cls
-    for cls in (
-        DDPMScheduler,
-        DDIMScheduler,
-        PNDMScheduler,
-        LMSDiscreteScheduler,
-        EulerDiscreteScheduler,
-        EulerAncestralDiscreteScheduler,
-        HeunDiscreteScheduler,
-        KDPM2DiscreteScheduler,
-        KDPM2AncestralDiscreteScheduler,
-        DPMSolverMultistepScheduler,
-        DPMSolverSinglestepScheduler,
-        DPMSolverSDEScheduler,
-        DEISMultistepScheduler,
-        UniPCMultistepScheduler,
-        LCMScheduler,
-    )
-}
-
-
 __all__ = [
-    *SCHEDULER_CLASSES,
     "SCHEDULER_CLASSES",
     "BrownianTree",
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DEISMultistepScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSDEScheduler",
+    "DPMSolverSinglestepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "LCMScheduler",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
     "SchedulerMixin",
     "SchedulerOutput",
+    "UniPCMultistepScheduler",
     "get_scheduler_class",
     "list_scheduler_names",
     "scheduler_from_name",

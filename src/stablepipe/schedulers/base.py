@@ -44,6 +44,25 @@ from stablepipe.schedulers.schedules import (
 
 HUB_KWARGS = ("revision", "cache_dir", "force_download", "local_files_only", "token", "proxies")
 
+# The public scheduler classes by diffusers name, in the order `compatibles` and SCHEDULER_CLASSES list them.
+SCHEDULER_NAMES: tuple[str, ...] = (
+    "DDPMScheduler",
+    "DDIMScheduler",
+    "PNDMScheduler",
+    "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "HeunDiscreteScheduler",
+    "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
+    "DPMSolverSDEScheduler",
+    "DEISMultistepScheduler",
+    "UniPCMultistepScheduler",
+    "LCMScheduler",
+)
+
 
 @dataclass
 class SchedulerOutput(BaseOutput):
@@ -88,9 +107,7 @@ class SchedulerMixin(ConfigMixin):
     @property
     def compatibles(self) -> list[type]:
         """Every scheduler class that can be built from this one's config (all of ours)."""
-        from stablepipe.schedulers import SCHEDULER_CLASSES
-
-        return list(SCHEDULER_CLASSES.values())
+        return scheduler_classes()
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps
@@ -199,6 +216,22 @@ class SchedulerMixin(ConfigMixin):
             return [self.index_for_timestep(t, schedule) for t in timesteps]
         index = self._step_index if self._step_index is not None else self._begin_index
         return [index] * timesteps.shape[0]
+
+
+def scheduler_classes() -> list[type[SchedulerMixin]]:
+    """The public scheduler classes in SCHEDULER_NAMES order, found among SchedulerMixin's subclasses (walked
+    recursively). Importing any scheduler module runs the schedulers package, which imports them all."""
+    found: dict[str, type[SchedulerMixin]] = {}
+    pending = SchedulerMixin.__subclasses__()
+    while pending:
+        cls = pending.pop()
+        pending.extend(cls.__subclasses__())
+        if cls.__module__.startswith("stablepipe.schedulers."):
+            found.setdefault(cls.__name__, cls)
+    missing = [name for name in SCHEDULER_NAMES if name not in found]
+    if missing:
+        raise RuntimeError(f"scheduler classes {missing} are not defined yet: import stablepipe.schedulers first")
+    return [found[name] for name in SCHEDULER_NAMES]
 
 
 class AlphaScheduler(SchedulerMixin):

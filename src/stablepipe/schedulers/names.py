@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stablepipe.schedulers.base import SchedulerMixin
+from stablepipe.schedulers.base import SchedulerMixin, scheduler_classes
 from stablepipe.schedulers.ddim import DDIMScheduler
 from stablepipe.schedulers.ddpm import DDPMScheduler
 from stablepipe.schedulers.deis import DEISMultistepScheduler
@@ -21,6 +21,10 @@ from stablepipe.schedulers.lcm import LCMScheduler
 from stablepipe.schedulers.lms import LMSDiscreteScheduler
 from stablepipe.schedulers.pndm import PNDMScheduler
 from stablepipe.schedulers.unipc import UniPCMultistepScheduler
+
+# diffusers' class name -> our class, for every public scheduler (in base.SCHEDULER_NAMES order). Built after the
+# imports above, so that every scheduler class is defined.
+SCHEDULER_CLASSES: dict[str, type[SchedulerMixin]] = {cls.__name__: cls for cls in scheduler_classes()}
 
 
 def _sigmas(kind: str | None = None) -> dict[str, bool]:
@@ -106,8 +110,6 @@ def scheduler_from_name(name: str, config: dict[str, Any] | None = None, **overr
 
 def get_scheduler_class(class_name: str) -> type[SchedulerMixin]:
     """A scheduler class by its diffusers name (as in model_index.json), with a clear error if unknown."""
-    from stablepipe.schedulers import SCHEDULER_CLASSES
-
     if class_name not in SCHEDULER_CLASSES:
         raise ValueError(
             f"unknown scheduler class {class_name!r}; stablepipe has {', '.join(SCHEDULER_CLASSES)}. "
