@@ -77,12 +77,34 @@ def add_output_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_drawing_flags(parser: argparse.ArgumentParser) -> None:
+    """The model, generation and output groups, in that order: what every command that draws with one pipeline
+    takes (generate, img2img, inpaint, depth2img, variation, upscale, ldm3d)."""
+    add_model_flags(parser)
+    add_generation_flags(parser)
+    add_output_flags(parser)
+
+
 def add_image_flags(parser: argparse.ArgumentParser) -> None:
     """--image and --strength, for the commands that start from a picture (img2img, inpaint, depth2img)."""
     group = parser.add_argument_group("input image")
     group.add_argument("--image", required=True, help="the picture to start from (PNG, JPEG ...; any mode)")
     group.add_argument("--strength", type=float, default=None,
                        help="how much of the picture to repaint, 0..1 (default: the pipeline's)")
+
+
+# ---- the built-in tiny models (random weights, see builtin.py) ---------------------------------------------------
+
+
+def with_builtin(args: argparse.Namespace, kind: str, what: str, say) -> argparse.Namespace:
+    """`args` as they are when --model is given; else a copy whose --model is the built-in tiny model of `kind`
+    (a key of `builtin.BUILTIN_MODELS`, built on first use), saying so as `what` ("variation model")."""
+    if args.model is not None:
+        return args
+    from stablepipe.builtin import builtin_path
+
+    say(f"No --model given: using the built-in tiny {what} (random weights, the picture is noise).")
+    return argparse.Namespace(**{**vars(args), "model": str(builtin_path(kind))})
 
 
 # ---- input images ------------------------------------------------------------------------------------------

@@ -7,10 +7,8 @@ from typing import Any
 
 from stablepipe.cli.common import (
     UsageError,
-    add_generation_flags,
+    add_drawing_flags,
     add_image_flags,
-    add_model_flags,
-    add_output_flags,
     open_image_file,
     resize_to_flags,
     seeds_for,
@@ -33,9 +31,7 @@ def register(commands) -> None:
     parser.add_argument_group("depth").add_argument(
         "--depth-map", help="a depth image (e.g. a 16-bit PNG, brighter = nearer) to use instead of estimating it"
     )
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     parser.set_defaults(run=run)
 
 

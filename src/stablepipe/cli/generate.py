@@ -7,9 +7,7 @@ from typing import Any
 
 from stablepipe.cli.common import (
     UsageError,
-    add_generation_flags,
-    add_model_flags,
-    add_output_flags,
+    add_drawing_flags,
     generation_kwargs,
     seeds_for,
     write_images,
@@ -23,9 +21,7 @@ SAFETY_LEVELS = ("WEAK", "MEDIUM", "STRONG", "MAX")  # stablepipe.pipelines.safe
 def register(commands) -> None:
     parser = commands.add_parser("generate", help="text-to-image", description="Make images from a text prompt.")
     parser.add_argument("prompt", nargs="?", help="what to draw (or from --from-png)")
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     safe = parser.add_argument_group("safe latent diffusion")
     safe.add_argument("--safe", metavar="LEVEL", type=str.upper, choices=SAFETY_LEVELS,
                       help="steer away from unsafe content (Safe Latent Diffusion): WEAK, MEDIUM, STRONG or MAX")

@@ -6,10 +6,8 @@ import argparse
 from typing import Any
 
 from stablepipe.cli.common import (
-    add_generation_flags,
+    add_drawing_flags,
     add_image_flags,
-    add_model_flags,
-    add_output_flags,
     generation_kwargs,
     open_image_file,
     resize_to_flags,
@@ -26,9 +24,7 @@ def register(commands) -> None:
     )
     parser.add_argument("prompt", nargs="?", help="what the new picture should show (or from --from-png)")
     add_image_flags(parser)
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     parser.set_defaults(run=run)
 
 

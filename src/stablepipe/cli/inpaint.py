@@ -6,10 +6,8 @@ import argparse
 from typing import Any
 
 from stablepipe.cli.common import (
-    add_generation_flags,
+    add_drawing_flags,
     add_image_flags,
-    add_model_flags,
-    add_output_flags,
     open_image_file,
     seeds_for,
     write_images,
@@ -30,9 +28,7 @@ def register(commands) -> None:
     group.add_argument("--mask", required=True, help="the mask: white = repaint, black = keep; the image's size")
     group.add_argument("--padding-mask-crop", type=int, default=None, metavar="PIXELS",
                        help="work on the masked region only (grown by PIXELS) at full resolution, paste it back")
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     parser.set_defaults(run=run)
 
 

@@ -12,15 +12,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from stablepipe.builtin import builtin_ldm3d_path, builtin_ldm3d_sr_path
 from stablepipe.cli.common import (
     UsageError,
-    add_generation_flags,
-    add_model_flags,
-    add_output_flags,
+    add_drawing_flags,
     generation_kwargs,
     open_image_file,
     seeds_for,
+    with_builtin,
     write_images,
 )
 from stablepipe.model_flags import load_pipeline_from_flags
@@ -37,20 +35,8 @@ def register(commands) -> None:
     parser.add_argument("--pano", action="store_true",
                         help="a 360-degree panorama: twice as wide as high by default (1024x512 with "
                         "Intel/ldm3d-pano), its left and right edges joining")  # fmt: skip
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     parser.set_defaults(run=run)
-
-
-# ---- the built-in tiny models (random weights, see builtin.py) -----------------------------------------------
-
-
-def with_builtin(args: argparse.Namespace, path, what: str, say) -> argparse.Namespace:
-    if args.model is not None:
-        return args
-    say(f"No --model given: using the built-in tiny {what} (random weights, the picture is noise).")
-    return argparse.Namespace(**{**vars(args), "model": str(path())})
 
 
 # ---- writing RGB + depth ---------------------------------------------------------------------------------------
@@ -80,7 +66,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
 
     seeds = seeds_for(args)
     kwargs = generation_kwargs(args, seeds)
-    model_args = with_builtin(args, builtin_ldm3d_path, "LDM3D model", say)
+    model_args = with_builtin(args, "ldm3d", "LDM3D model", say)
     pipe = load_pipeline_from_flags(StableDiffusionLDM3DPipeline, model_args, say)
     if args.pano:
         height = kwargs.setdefault("height", pipe.default_size(None, None)[0])
@@ -131,7 +117,7 @@ def run_upscale(args: argparse.Namespace, say) -> dict[str, Any]:
     kwargs.update(target_res=upscale_size(args, rgb), circular_padding=args.pano)
     if args.noise_level is not None:
         kwargs["noise_level"] = args.noise_level
-    model_args = with_builtin(args, builtin_ldm3d_sr_path, "LDM3D upscaler", say)
+    model_args = with_builtin(args, "ldm3d-sr", "LDM3D upscaler", say)
     pipe = load_pipeline_from_flags(StableDiffusionUpscaleLDM3DPipeline, model_args, say)
     result = pipe(args.prompt, rgb=rgb, depth=depth, **kwargs)
     extra = {"image": args.image, "depth": args.depth, "upscaler": "ldm3d", "noise_level": args.noise_level}

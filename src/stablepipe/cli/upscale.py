@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stablepipe.builtin import builtin_upscaler_path
 from stablepipe.cli.common import (
     UsageError,
-    add_generation_flags,
-    add_model_flags,
-    add_output_flags,
+    add_drawing_flags,
     generation_kwargs,
     open_image_file,
     seeds_for,
+    with_builtin,
     write_images,
 )
 from stablepipe.cli.ldm3d import add_upscale_flags as add_ldm3d_flags
@@ -40,9 +38,7 @@ def register(commands) -> None:
     group.add_argument("--tile-overlap", type=int, default=None, metavar="PX", help="tile overlap (default SIZE/4)")
     group.add_argument("--noise-level", type=int, default=None,
                        help="--x4 only: noise added to the input, 0..350 (default 20); more noise, more invention")
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -74,10 +70,8 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
     seeds = seeds_for(args)
     kwargs = upscale_kwargs(args, seeds)
     image = open_image_file(args.image, flag="IMAGE").convert("RGB")
-    model_args = argparse.Namespace(**{**vars(args), "no_safety_checker": False})  # set below, per pipeline
-    if args.model is None:
-        say(f"No --model given: using the built-in tiny {args.kind} upscaler (random weights, the picture is noise).")
-        model_args.model = str(builtin_upscaler_path(args.kind))
+    model_args = with_builtin(args, args.kind, f"{args.kind} upscaler", say)
+    model_args = argparse.Namespace(**{**vars(model_args), "no_safety_checker": False})  # set below, per pipeline
     if args.kind == "x4":
         pipe = load_pipeline_from_flags(StableDiffusionUpscalePipeline, model_args, say)
         if args.no_safety_checker:

@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from stablepipe.builtin import builtin_variation_path
 from stablepipe.cli.common import (
     UsageError,
-    add_generation_flags,
-    add_model_flags,
-    add_output_flags,
+    add_drawing_flags,
     generation_kwargs,
     open_image_file,
     seeds_for,
+    with_builtin,
     write_images,
 )
 from stablepipe.model_flags import load_pipeline_from_flags
@@ -26,9 +24,7 @@ def register(commands) -> None:
         "(e.g. --model lambdalabs/sd-image-variations-diffusers).",
     )
     parser.add_argument("image", help="the picture to make variations of (PNG, JPEG, ...)")
-    add_model_flags(parser)
-    add_generation_flags(parser)
-    add_output_flags(parser)
+    add_drawing_flags(parser)
     parser.set_defaults(run=run)
 
 
@@ -40,11 +36,7 @@ def run(args: argparse.Namespace, say) -> dict[str, Any]:
             raise UsageError(f"variation takes no {flag}: it is conditioned on the image, not on text")
     image = open_image_file(args.image, flag="IMAGE")
     seeds = seeds_for(args)
-    model_args = args
-    if args.model is None:
-        say("No --model given: using the built-in tiny variation model (random weights, the picture is noise).")
-        folder = builtin_variation_path()
-        model_args = argparse.Namespace(**{**vars(args), "model": str(folder)})
+    model_args = with_builtin(args, "variation", "variation model", say)
     pipe = load_pipeline_from_flags(StableDiffusionImageVariationPipeline, model_args, say)
     result = pipe(image.convert("RGB"), **generation_kwargs(args, seeds))
     flags = result.nsfw_content_detected

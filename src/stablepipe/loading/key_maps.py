@@ -69,43 +69,45 @@ class KeyMap:
 
     def to_ours(self, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Convert their keys to ours; returns the converted dict and the keys no rule matched."""
-        out: dict[str, torch.Tensor] = {}
-        unmatched = []
-        for key, tensor in state.items():
-            if self.ignore and key.startswith(self.ignore):
-                continue
-            if key in self.exact:
-                rule = self.exact[key]
-                if rule.transform == QKV:
-                    out.update(zip([rule.ours.format(p) for p in "qkv"], tensor.chunk(3, dim=0), strict=True))
-                else:
-                    out[rule.ours] = _to_ours(tensor, rule.transform)
-            elif (prefix := _longest_prefix(key, self.prefix_to_ours)) is not None:
-                out[self.prefix_to_ours[prefix] + key[len(prefix) :]] = tensor
-            else:
-                unmatched.append(key)
-        return out, unmatched
+        kept = {key: tensor for key, tensor in state.items() if not (self.ignore and key.startswith(self.ignore))}
+        return _convert(kept, self.exact, self._exact_to_ours, self.prefix_to_ours)
 
     def to_theirs(self, state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
         """Convert our keys to theirs; returns the converted dict and the keys no rule matched."""
-        out: dict[str, torch.Tensor] = {}
-        unmatched = []
-        for key, tensor in state.items():
-            if key in self.exact_ours:
-                rule, _ = self.exact_ours[key]
-                if rule.transform == QKV:
-                    parts = [state.get(rule.ours.format(p)) for p in "qkv"]
-                    if any(p is None for p in parts):
-                        unmatched.append(key)
-                    else:
-                        out[rule.theirs] = torch.cat(parts, dim=0)
-                else:
-                    out[rule.theirs] = _to_theirs(tensor, rule.transform)
-            elif (prefix := _longest_prefix(key, self.prefix_to_theirs)) is not None:
-                out[self.prefix_to_theirs[prefix] + key[len(prefix) :]] = tensor
-            else:
-                unmatched.append(key)
-        return out, unmatched
+        return _convert(state, self.exact_ours, self._exact_to_theirs, self.prefix_to_theirs)
+
+    def _exact_to_ours(self, key: str, tensor: torch.Tensor, state) -> dict[str, torch.Tensor]:
+        rule = self.exact[key]
+        if rule.transform == QKV:  # their (3C, ...) -> our q, k, v, (C, ...) each
+            return dict(zip([rule.ours.format(p) for p in "qkv"], tensor.chunk(3, dim=0), strict=True))
+        return {rule.ours: _to_ours(tensor, rule.transform)}
+
+    def _exact_to_theirs(self, key: str, tensor: torch.Tensor, state) -> dict[str, torch.Tensor] | None:
+        rule, _ = self.exact_ours[key]
+        if rule.transform != QKV:
+            return {rule.theirs: _to_theirs(tensor, rule.transform)}
+        parts = [state.get(rule.ours.format(p)) for p in "qkv"]  # our q, k, v -> their concatenation
+        return None if any(p is None for p in parts) else {rule.theirs: torch.cat(parts, dim=0)}
+
+
+def _convert(state: Mapping[str, torch.Tensor], exact: Mapping[str, Any], convert_exact, prefixes: Mapping[str, str]):
+    """The pass both directions share: a key with an exact rule (in `exact`) becomes what
+    `convert_exact(key, tensor, state)` returns (None: the rule cannot apply), any other is renamed by its longest
+    prefix in `prefixes`. Returns (converted dict, keys left unconverted)."""
+    out: dict[str, torch.Tensor] = {}
+    unmatched = []
+    for key, tensor in state.items():
+        if key in exact:
+            converted = convert_exact(key, tensor, state)
+        elif (prefix := _longest_prefix(key, prefixes)) is not None:
+            converted = {prefixes[prefix] + key[len(prefix) :]: tensor}
+        else:
+            converted = None
+        if converted is None:
+            unmatched.append(key)
+        else:
+            out.update(converted)
+    return out, unmatched
 
 
 # ---- the UNet ---------------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ class DownBlock2D(nn.Module):
         return x
 
 
-class CrossAttnDownBlock2D(DownBlock2D):
-    """`DownBlock2D` with a transformer after each residual block."""
+class TransformerLayers:
+    """Mixin for a down or up block: a transformer after each residual block, `transformer_layers` deep
+    (one depth for all, or one per residual block), as wide as the block's output (its last channel count)."""
 
     def __init__(self, *channels: int, transformer: TransformerSpec, transformer_layers, **kw):
         depths = _per_layer(transformer_layers, kw["num_layers"])
@@ -138,6 +139,10 @@ class CrossAttnDownBlock2D(DownBlock2D):
 
     def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
         return self.attentions[i](x, context, attention)
+
+
+class CrossAttnDownBlock2D(TransformerLayers, DownBlock2D):
+    """`DownBlock2D` with a transformer after each residual block."""
 
 
 class UpBlock2D(nn.Module):
@@ -206,15 +211,8 @@ def fourier_filter(x: torch.Tensor, *, threshold: int, scale: float) -> torch.Te
     return filtered.real.to(x.dtype)
 
 
-class CrossAttnUpBlock2D(UpBlock2D):
+class CrossAttnUpBlock2D(TransformerLayers, UpBlock2D):
     """`UpBlock2D` with a transformer after each residual block."""
-
-    def __init__(self, *channels: int, transformer: TransformerSpec, transformer_layers, **kw):
-        depths = _per_layer(transformer_layers, kw["num_layers"])
-        super().__init__(*channels, **kw, layer=lambda i: transformer.build(channels[-1], depths[i]))
-
-    def layer(self, i: int, x: torch.Tensor, context: torch.Tensor | None, attention=None) -> torch.Tensor:
-        return self.attentions[i](x, context, attention)
 
 
 class UNetMidBlock2D(nn.Module):

@@ -268,23 +268,23 @@ class AutoencoderKL(AttentionProcessorMixin, FusedProjectionsMixin, ModelMixin):
             return torch.cat([fn(part) for part in x.split(1)])
         return fn(x)
 
+    def _in_tiles(self, fn, x: torch.Tensor, *, tile: int, out_tile: int) -> torch.Tensor:
+        """Apply `fn` to the whole of `x`, or, when tiling and `x` is larger than a tile, tile by tile."""
+        if self.use_tiling and max(x.shape[-2:]) > tile:
+            return tiled_map(fn, x, tile=tile, out_tile=out_tile, overlap_factor=self.tile_overlap_factor)
+        return fn(x)
+
     # -- encode / decode -----------------------------------------------------------------------------------------
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
-            return tiled_map(self._encode_tile, x, tile=self.tile_sample_min_size, out_tile=self.tile_latent_min_size,
-                             overlap_factor=self.tile_overlap_factor)  # fmt: skip
-        return self._encode_tile(x)
+        return self._in_tiles(self._encode_tile, x, tile=self.tile_sample_min_size, out_tile=self.tile_latent_min_size)
 
     def _encode_tile(self, x: torch.Tensor) -> torch.Tensor:
         moments = self.encoder(x)  # (B, 2 * latent, h, w)
         return self.quant_conv(moments) if self.quant_conv is not None else moments
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
-            return tiled_map(self._decode_tile, z, tile=self.tile_latent_min_size, out_tile=self.tile_sample_min_size,
-                             overlap_factor=self.tile_overlap_factor)  # fmt: skip
-        return self._decode_tile(z)
+        return self._in_tiles(self._decode_tile, z, tile=self.tile_latent_min_size, out_tile=self.tile_sample_min_size)
 
     def _decode_tile(self, z: torch.Tensor) -> torch.Tensor:
         if self.post_quant_conv is not None:

@@ -93,47 +93,52 @@ struct Scratch {
 
 // ---- scores: S = q k^T for ROWS query rows and G groups of 16 keys ---------------------------------------------
 
+// One step of the inner product by element type: bfloat16 takes a pair of dims per step (VDPBF16PS on the keys
+// packed as [16 keys x 2]), float32 one dim (FMA on 16 keys).
+template <typename T>
+struct ScoreStep;
+
 #if SP_HAVE_BF16
-template <int G>
-inline void scores(const c10::BFloat16* q, int64_t q_stride, const c10::BFloat16* kp, int64_t dim,
-                   __m512 (&acc)[ROWS][BLOCK_GROUPS]) {
-  const int64_t pairs = dim / 2;
-#pragma GCC unroll 4
-  for (int r = 0; r < ROWS; ++r)
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t p = 0; p < pairs; ++p) {
-    __m512bh kv[G];
-#pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) kv[g] = (__m512bh)_mm512_loadu_si512(kp + (g * pairs + p) * 32);
-#pragma GCC unroll 4
-    for (int r = 0; r < ROWS; ++r) {
-      int32_t pair;
-      std::memcpy(&pair, q + r * q_stride + 2 * p, sizeof(pair));
-      const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);
-#pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_dpbf16_ps(acc[r][g], qb, kv[g]);
-    }
+template <>
+struct ScoreStep<c10::BFloat16> {
+  using Vec = __m512bh;
+  static constexpr int DIMS = 2;
+  static inline Vec load_keys(const c10::BFloat16* kp) { return (__m512bh)_mm512_loadu_si512(kp); }
+  static inline Vec broadcast(const c10::BFloat16* q) {  // the pair q[0], q[1] in every lane
+    int32_t pair;
+    std::memcpy(&pair, q, sizeof(pair));
+    return (__m512bh)_mm512_set1_epi32(pair);
   }
-}
+  static inline __m512 fma(__m512 acc, Vec q, Vec k) { return _mm512_dpbf16_ps(acc, q, k); }
+};
 #endif
 
-template <int G>
-inline void scores(const float* q, int64_t q_stride, const float* kp, int64_t dim,
-                   __m512 (&acc)[ROWS][BLOCK_GROUPS]) {
+template <>
+struct ScoreStep<float> {
+  using Vec = __m512;
+  static constexpr int DIMS = 1;
+  static inline Vec load_keys(const float* kp) { return _mm512_loadu_ps(kp); }
+  static inline Vec broadcast(const float* q) { return _mm512_set1_ps(*q); }
+  static inline __m512 fma(__m512 acc, Vec q, Vec k) { return _mm512_fmadd_ps(q, k, acc); }
+};
+
+template <int G, typename T>
+inline void scores(const T* q, int64_t q_stride, const T* kp, int64_t dim, __m512 (&acc)[ROWS][BLOCK_GROUPS]) {
+  using Step = ScoreStep<T>;
+  const int64_t steps = dim / Step::DIMS;
 #pragma GCC unroll 4
   for (int r = 0; r < ROWS; ++r)
 #pragma GCC unroll 4
     for (int g = 0; g < G; ++g) acc[r][g] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < dim; ++c) {
-    __m512 kv[G];
+  for (int64_t s = 0; s < steps; ++s) {
+    typename Step::Vec kv[G];
 #pragma GCC unroll 4
-    for (int g = 0; g < G; ++g) kv[g] = _mm512_loadu_ps(kp + (g * dim + c) * LANES);
+    for (int g = 0; g < G; ++g) kv[g] = Step::load_keys(kp + (g * steps + s) * (Step::DIMS * LANES));
 #pragma GCC unroll 4
     for (int r = 0; r < ROWS; ++r) {
-      const __m512 qb = _mm512_set1_ps(q[r * q_stride + c]);
+      const typename Step::Vec qb = Step::broadcast(q + r * q_stride + Step::DIMS * s);
 #pragma GCC unroll 4
-      for (int g = 0; g < G; ++g) acc[r][g] = _mm512_fmadd_ps(qb, kv[g], acc[r][g]);
+      for (int g = 0; g < G; ++g) acc[r][g] = Step::fma(acc[r][g], qb, kv[g]);
     }
   }
 }
