@@ -196,8 +196,24 @@ def test_fp16_variant_and_dtype(sd1_folder, tmp_path):
     )
     assert half.unet.dtype == torch.bfloat16 and half.vae.dtype == torch.bfloat16
     assert half.text_encoder.dtype == torch.bfloat16
-    with pytest.raises(FileNotFoundError, match="variant 'fp8'"):
+    with pytest.raises(FileNotFoundError, match="`variant=fp8`") as error:
         stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder, variant="fp8")
+    assert isinstance(error.value, ValueError)  # what diffusers raises, so `except ValueError` code keeps working
+    assert "load without variant=" in str(error.value)
+
+
+def test_variant_where_some_components_have_it(sd1_folder, tmp_path):
+    """As in diffusers: components without the variant's files load their plain weights."""
+    ours = stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder)
+    ours.save_pretrained(tmp_path / "mixed")
+    ours.unet.save_pretrained(tmp_path / "mixed" / "unet", variant="fp16")
+    (tmp_path / "mixed" / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    back = stablepipe.StableDiffusionPipeline.from_pretrained(tmp_path / "mixed", variant="fp16")
+    assert torch.equal(back.vae.decoder.conv_out.weight, ours.vae.decoder.conv_out.weight)
+    assert torch.equal(back.unet.conv_in.weight, ours.unet.conv_in.weight)
+    with pytest.raises(FileNotFoundError, match="Error no file named diffusion_pytorch_model.bin") as error:
+        stablepipe.UNet2DConditionModel.from_pretrained(tmp_path / "mixed" / "unet")
+    assert "pass variant='fp16'" in str(error.value)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import torch
 
 from stablepipe.loading.checkpoint import CheckpointError, safetensors_header
 from stablepipe.loading.dtypes import dtype_for
-from stablepipe.loading.files import fetch_file, read_json_object, snapshot
+from stablepipe.loading.files import VariantNotFoundError, fetch_file, has_variant, read_json_object, snapshot
 
 # Libraries named in model_index.json whose classes stablepipe implements itself.
 OUR_LIBRARIES = {"diffusers", "stable_diffusion", "stable_diffusion_safe", "stablepipe"}
@@ -144,6 +144,14 @@ def load_components(
 ) -> dict[str, Any]:
     """Every component a pipeline's `__init__` names: given ones as is, the rest from `root/<name>/`."""
     loaded: dict[str, Any] = {}
+    if variant is not None:  # as diffusers: components without the variant load their plain weights, but not all
+        stored = [n for n in names if n not in given and is_component_entry(index.get(n)) and index[n][1] is not None]
+        if stored and not any(has_variant(root / name, variant) for name in stored):
+            raise VariantNotFoundError(
+                f"You are trying to load the model files of the `variant={variant}`, but no such modeling files are "
+                f"available in {root}: none of {stored} has a *.{variant}.* file; load without variant= to use "
+                "the plain weights"
+            )
     for name in names:
         if name in given:
             loaded[name] = given[name]
@@ -169,7 +177,8 @@ def load_components(
                 "the download may be incomplete"
             )
         cls = resolve_class(entry[0], entry[1], component=name)
-        loaded[name] = load_component(cls, folder, torch_dtype=dtype_for(torch_dtype, name), variant=variant)
+        found = variant if variant is not None and has_variant(folder, variant) else None
+        loaded[name] = load_component(cls, folder, torch_dtype=dtype_for(torch_dtype, name), variant=found)
     return loaded
 
 

@@ -108,12 +108,27 @@ def find_weight_files(folder: Path, base: str, variant: str | None = None) -> li
             return shard_files(path)
         if path.is_file():
             return [path]
-    variant_note = f" of variant {variant!r}" if variant else ""
     present = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "nothing (no such folder)"
-    raise FileNotFoundError(
-        f"no weights{variant_note} in {folder}: looked for {', '.join(weight_candidates(base, variant))}; "
-        f"the folder has {present}"
-    )
+    looked = f"looked for {', '.join(weight_candidates(base, variant))}; the folder has {present}"
+    if variant:
+        raise VariantNotFoundError(
+            f"You are trying to load the model files of the `variant={variant}`, but there are none in {folder}: "
+            f"{looked}; load without variant= to use the plain weights"
+        )
+    variants = sorted({p.name.split(".")[-2] for p in folder.glob(f"{base}.*.*") if ".index." not in p.name})
+    hint = f"; it has weights of variant {variants}: pass variant={variants[0]!r}" if variants else ""
+    # The first words are diffusers' (user code and its tests match them); the rest says what is there.
+    raise FileNotFoundError(f"Error no file named {base}.bin found in directory {folder} (nor the others: {looked}){hint}")
+
+
+class VariantNotFoundError(FileNotFoundError, ValueError):
+    """No weights of the variant asked for (`variant="fp16"`): a missing file, and the ValueError diffusers raises
+    for a pipeline none of whose components has the variant."""
+
+
+def has_variant(folder: Path, variant: str) -> bool:
+    """Whether a component folder holds weights of `variant` (`*.fp16.safetensors`, `*.safetensors.index.fp16.json`)."""
+    return any(folder.glob(f"*.{variant}.*"))
 
 
 def shard_files(index_path: Path) -> list[Path]:

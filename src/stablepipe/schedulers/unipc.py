@@ -51,7 +51,7 @@ class UniPCMultistepScheduler(SolverScheduler):
         predict_x0: bool = True,
         solver_type: str = "bh2",
         lower_order_final: bool = True,
-        disable_corrector: list[int] | tuple[int, ...] = (),
+        disable_corrector: list[int] = [],  # noqa: B006 (read, never changed: a list, as diffusers stores it)
         solver_p=None,
         use_karras_sigmas: bool = False,
         use_exponential_sigmas: bool = False,
