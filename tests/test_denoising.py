@@ -164,3 +164,28 @@ def test_the_loop_reads_no_pipeline():
     for function in (denoising.denoise, denoising.predict):
         assert not any("pipe" in name for name in inspect.signature(function).parameters)
         assert not re.search(r"\b(pipe|self)\b", inspect.getsource(function))
+
+
+def test_a_callback_may_change_the_guidance_and_switch_it_off():
+    """Callbacks see the stacked embeddings (as in diffusers); after each, the loop asks `hooks.guider()` again."""
+    unet, scheduler = FakeUNet(), FakeScheduler()
+    state = {"guider": ClassifierFreeGuidance(3.0)}
+    seen = []
+
+    def callback(pipe, i, t, tensors):
+        seen.append(tensors["prompt_embeds"].shape[0])
+        state["guider"] = state["guider"].with_scale(4.0 if i == 0 else 1.0)  # guidance off after step 1
+        return tensors if i == 0 else {**tensors, "prompt_embeds": tensors["prompt_embeds"] + 1}
+
+    hook = denoising.step_end_callback("the pipe", callback, ["prompt_embeds"])
+    cond = Conditioning(embeds(1.0, 2), embeds(-1.0, 2))
+    denoising.denoise(unet, scheduler, torch.ones(2, 2, 2, 2), torch.tensor([3, 2, 1]), cond, guider=state["guider"],
+                      hooks=LoopHooks(on_step_end=hook, guider=lambda: state["guider"]))  # fmt: skip
+    assert seen == [4, 4, 2]  # (uncond, cond) stacked twice, then the conditional batch alone
+    assert [c[0] for c in unet.calls] == [4, 4, 2]
+    assert cond.negative_prompt_embeds is None and float(cond.prompt_embeds.mean()) == 3.0  # +1 twice, cond half
+    # step 2 was guided at the new scale 4: uncond + 4 (cond - uncond), embedding means -1 and 1
+    x = torch.ones(2, 2, 2, 2)
+    x = x - 0.1 * ((0.5 * 2 * x - 1) + 3.0 * 2)
+    torch.testing.assert_close(scheduler.seen[1][0], (0.5 * 2 * x - 1) + 4.0 * 2)
+    assert isinstance(state["guider"], NoGuidance) and state["guider"].scale == 1.0

@@ -127,7 +127,8 @@ def test_callback_on_step_end_sees_and_replaces_latents(sd1_folder):
     out = ours("a", num_inference_steps=3, height=32, width=32, output_type="latent", callback_on_step_end=callback,
                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"],
                generator=torch.Generator().manual_seed(0))
-    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 16, 16) and seen[0][3] == 1
+    # the prompt embeddings as the UNet sees them, (uncond, cond) stacked, as diffusers gives them
+    assert [s[0] for s in seen] == [0, 1, 2] and seen[0][2] == (1, 4, 16, 16) and seen[0][3] == 2
     assert torch.count_nonzero(out.images) == 0
 
 
@@ -279,3 +280,34 @@ def test_unknown_scheduler_class_lists_known(sd1_folder, tmp_path):
 def test_not_a_folder_or_repo():
     with pytest.raises(OSError, match="not-a-model/anywhere"):
         stablepipe.StableDiffusionPipeline.from_pretrained("not-a-model/anywhere")
+
+
+# ---- callbacks that change the guidance mid-call (diffusers' documented recipes) ------------------------------
+
+
+def dynamic_cfg(pipe, i, t, tensors):
+    """diffusers' "dynamic classifier-free guidance" recipe: guidance off after 40 % of the steps."""
+    if i == int(pipe.num_timesteps * 0.4):
+        tensors["prompt_embeds"] = tensors["prompt_embeds"].chunk(2)[-1]
+        pipe._guidance_scale = 0.0
+    return tensors
+
+
+def growing_guidance(pipe, i, t, tensors):
+    pipe._guidance_scale += 1.0
+    return tensors
+
+
+@pytest.mark.parametrize("callback", [dynamic_cfg, growing_guidance])
+def test_callbacks_changing_the_guidance_match_diffusers(sd1_folder, callback):
+    ours, theirs = load_both(sd1_folder, "EulerDiscreteScheduler")
+    call = dict(prompt=["a red circle", "the sea"], negative_prompt=["blue", "green"], guidance_scale=5.0,
+                num_inference_steps=5, height=32, width=32, output_type="np", callback_on_step_end=callback,
+                callback_on_step_end_tensor_inputs=["latents", "prompt_embeds"])  # fmt: skip
+    a = ours(generator=torch.Generator().manual_seed(0), **call).images
+    b = theirs(generator=torch.Generator().manual_seed(0), **call).images
+    assert max_diff(a, b) < TOLERANCE
+    assert ours.guidance_scale == theirs.guidance_scale  # as the callback left it
+    assert ours.do_classifier_free_guidance == theirs.do_classifier_free_guidance
+    plain = ours(generator=torch.Generator().manual_seed(0), **{**call, "callback_on_step_end": None}).images
+    assert max_diff(a, plain) > 1e-3  # the callback did change the picture

@@ -36,6 +36,16 @@ class DenoisingCallMixin:
         return self._guider.scale
 
     @property
+    def _guidance_scale(self) -> float:
+        return self._guider.scale
+
+    @_guidance_scale.setter
+    def _guidance_scale(self, scale: float) -> None:
+        """What diffusers' callbacks set mid-call (`pipe._guidance_scale = 0.0`: dynamic CFG); the loop reads the
+        guider again after each callback."""
+        self._guider = self._guider.with_scale(scale)
+
+    @property
     def guidance_rescale(self) -> float:
         return getattr(self._guider, "rescale", 0.0)
 
@@ -131,6 +141,7 @@ class DenoisingCallMixin:
                 self, callback_on_step_end, callback_on_step_end_tensor_inputs
             ),
             interrupted=lambda: self._interrupt,
+            guider=None if guider is not None else (lambda: self._guider),
         )
         return denoising.denoise(
             step_cached_model(self, model) or self.unet, self.scheduler, latents, timesteps, cond,

@@ -36,6 +36,9 @@ class Guider(Protocol):
 
     def combine(self, i: int, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor: ...
 
+    def with_scale(self, scale: float) -> Guider:
+        """This guider at another guidance scale (a callback setting diffusers' `pipe._guidance_scale`)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class NoGuidance:
@@ -51,6 +54,10 @@ class NoGuidance:
 
     def combine(self, i: int, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         return prediction
+
+    def with_scale(self, scale: float) -> Guider:
+        """Still unguided: no negative prompt was encoded to switch guidance on with."""
+        return NoGuidance(scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,10 @@ class ClassifierFreeGuidance:
 
     def combine(self, i: int, t: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
         return classifier_free_guidance(prediction, self.scale, self.rescale)
+
+    def with_scale(self, scale: float) -> Guider:
+        """At `scale` > 1 still guided; at <= 1 unguided from then on (diffusers' dynamic-CFG recipe)."""
+        return dataclasses.replace(self, scale=scale) if scale > 1 else NoGuidance(scale)
 
 
 def classifier_free_guidance(
@@ -114,6 +125,25 @@ class Conditioning:
         """How many stacked batches the embeddings hold: 1, 2 (uncond, cond) or 3 (+ concept)."""
         return 1 + (self.negative_prompt_embeds is not None) + (self.concept_embeds is not None)
 
+    def parts(self) -> list[str]:
+        """The names of the stacked embeddings, in `encoder_hidden_states` order."""
+        names = ("negative_prompt_embeds", "prompt_embeds", "concept_embeds")
+        return [name for name in names if getattr(self, name) is not None]
+
+    def unstack(self, hidden: torch.Tensor) -> None:
+        """Take `hidden` (copies * B, L, D), stacked as `encoder_hidden_states` gives it, back apart; a tensor of
+        one batch (B, L, D) replaces the conditional embeddings only."""
+        parts = self.parts()
+        if hidden.shape[0] != self.prompt_embeds.shape[0] * len(parts):
+            self.prompt_embeds = hidden
+            return
+        for name, part in zip(parts, hidden.chunk(len(parts)), strict=True):
+            setattr(self, name, part)
+
+    def unguided(self) -> None:
+        """Only the conditional copy from now on (a callback switched guidance off)."""
+        self.negative_prompt_embeds = self.concept_embeds = None
+
 
 # ---- hooks -----------------------------------------------------------------------------------------------
 
@@ -130,11 +160,14 @@ class LoopHooks:
     """What runs around each step. `after_step` hooks run in order after the scheduler step (inpainting blends
     the known area back, diffusers' legacy `callback` watches); `on_step_end` is diffusers'
     `callback_on_step_end`, bound to its pipeline (it may replace the latents and the prompt embeddings);
-    `interrupted()` true skips the remaining steps (diffusers' `pipe.interrupt`)."""
+    `interrupted()` true skips the remaining steps (diffusers' `pipe.interrupt`); `guider()`, read after each
+    `on_step_end`, is the guider from then on (a callback may set `pipe._guidance_scale`, even to <= 1: then only
+    the conditional copy runs)."""
 
     after_step: Sequence[StepHook] = ()
     on_step_end: StepEndHook | None = None
     interrupted: Callable[[], bool] = never
+    guider: Callable[[], Guider] | None = None  # the guider after `on_step_end`, which may change the scale
 
 
 def no_progress(total: int):
@@ -208,6 +241,9 @@ def denoise(
                 latents = hook(i, t, latents)
             if hooks.on_step_end is not None:
                 latents = hooks.on_step_end(i, t, latents, cond)
+                guider = hooks.guider() if hooks.guider is not None else guider
+                if guider.copies == 1 < cond.copies:
+                    cond.unguided()
             if counts_on_progress_bar(i, len(timesteps), num_inference_steps, order):
                 bar.update()
     check_finite_latents(latents, getattr(unet, "dtype", latents.dtype), guider)
@@ -249,17 +285,19 @@ def legacy_step_callback(
 
 def step_end_callback(pipe, callback: Callable, names: Sequence[str]) -> StepEndHook:
     """diffusers' `callback_on_step_end(pipe, i, t, tensors) -> tensors` as a hook: the tensors it returns
-    ("latents", "prompt_embeds", "negative_prompt_embeds") replace the loop's."""
+    ("latents", "prompt_embeds", "negative_prompt_embeds") replace the loop's. As in diffusers, "prompt_embeds"
+    is what the UNet sees, the copies stacked (uncond, cond[, concept]) when guided: a callback may hand back
+    all of them or, switching guidance off, the conditional half (`prompt_embeds.chunk(2)[-1]`)."""
 
     def hook(i: int, t: torch.Tensor, latents: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        tensors = {
-            "latents": latents, "prompt_embeds": cond.prompt_embeds,
-            "negative_prompt_embeds": cond.negative_prompt_embeds,
-        }
+        stacked, negative = cond.encoder_hidden_states(), cond.negative_prompt_embeds
+        tensors = {"latents": latents, "prompt_embeds": stacked, "negative_prompt_embeds": negative}
         tensors.update({k: v for k, v in cond.unet_kwargs.items() if isinstance(v, torch.Tensor)})
         outputs = callback(pipe, i, t, {k: tensors.get(k) for k in names}) or {}
-        cond.prompt_embeds = outputs.get("prompt_embeds", cond.prompt_embeds)
-        cond.negative_prompt_embeds = outputs.get("negative_prompt_embeds", cond.negative_prompt_embeds)
+        if outputs.get("prompt_embeds") is not None and outputs["prompt_embeds"] is not stacked:
+            cond.unstack(outputs["prompt_embeds"])
+        if outputs.get("negative_prompt_embeds") is not None and outputs["negative_prompt_embeds"] is not negative:
+            cond.negative_prompt_embeds = outputs["negative_prompt_embeds"]
         return outputs.get("latents", latents)
 
     return hook

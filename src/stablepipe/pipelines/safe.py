@@ -115,6 +115,10 @@ class SafeLatentDiffusion:
 
     __call__ = combine  # also a plain function (i, t, prediction) -> guided noise
 
+    def with_scale(self, scale: float) -> SafeLatentDiffusion:
+        """At another classifier-free guidance scale, the safety guidance and its momentum kept."""
+        return dataclasses.replace(self, scale=scale)
+
 
 def choose_safe_guidance(
     guided: bool,
