@@ -215,3 +215,25 @@ def test_cli_inpaint(tmp_path, monkeypatch, capsys):
     PIL.Image.new("L", (16, 16)).save(tmp_path / "small.png")
     assert main([*args[:4], "--mask", str(tmp_path / "small.png"), "--steps", "1", "--quiet"]) == 2
     assert "mask_image is 16x16 but image is 40x24" in capsys.readouterr().err
+
+
+def test_image_and_mask_processors_match_diffusers(inpaint_folder):
+    """`pipe.image_processor` / `pipe.mask_processor` give what diffusers' give, and what a call uses: the
+    pipeline fed their tensors (and latents made from them) paints the same picture as from PIL images."""
+    ours, theirs = load_both("StableDiffusionInpaintPipeline", inpaint_folder)
+    image, mask = sample_image(40, 48), sample_mask(40, 48)
+    pixels = ours.image_processor.preprocess(image)
+    torch.testing.assert_close(pixels, theirs.image_processor.preprocess(image))
+    torch.testing.assert_close(ours.mask_processor.preprocess(mask), theirs.mask_processor.preprocess(mask))
+    decoded = torch.rand(2, 3, 8, 8) * 2 - 1
+    for output_type in ("np", "pt"):
+        torch.testing.assert_close(torch.as_tensor(ours.image_processor.postprocess(decoded, output_type)),
+                                   torch.as_tensor(theirs.image_processor.postprocess(decoded, output_type)))
+    assert [np.asarray(p).tolist() for p in ours.image_processor.postprocess(decoded)] == [
+        np.asarray(p).tolist() for p in theirs.image_processor.postprocess(decoded)]
+    assert np.array_equal(np.asarray(ours.numpy_to_pil(np.full((1, 2, 2, 3), 0.5))[0]), np.full((2, 2, 3), 128))
+    image, mask = sample_image(), sample_mask()  # at the pipeline's own size, so nothing is resized
+    from_pil = run(ours, image=image, mask_image=mask)
+    pixels, mask_values = ours.image_processor.preprocess(image), ours.mask_processor.preprocess(mask)
+    from_tensors = run(ours, image=pixels, mask_image=mask_values)
+    assert max_diff(from_pil, from_tensors) < 1e-6

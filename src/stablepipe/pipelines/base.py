@@ -23,10 +23,13 @@ from stablepipe.loading.files import fetch_file, is_local
 from stablepipe.loading.lora import LoraLoaderMixin
 from stablepipe.loading.textual_inversion import TextualInversionLoaderMixin
 from stablepipe.outputs import BaseOutput
+from stablepipe.image import numpy_to_pil
 from stablepipe.pipelines.call import DenoisingCallMixin
+from stablepipe.pipelines.image_processor import VaeImageProcessor
 from stablepipe.pipelines.ip_adapter import image_projection_layers
 from stablepipe.pipelines.memory import MemoryOptionsMixin
 from stablepipe.pipelines.registry import PIPELINE_MODULES
+from stablepipe.pipelines.vae_codec import scale_factor
 
 
 @dataclasses.dataclass
@@ -65,6 +68,16 @@ HUB_KWARGS = ("cache_dir", "local_files_only", "token", "force_download", "proxi
 class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOptionsMixin, DenoisingCallMixin):
     """Holds the components (models, tokenizers, scheduler) named by `__init__`'s arguments; the per-call state
     and the glue to the denoising loop come from `DenoisingCallMixin` (call.py)."""
+
+    numpy_to_pil = staticmethod(numpy_to_pil)  # diffusers' `DiffusionPipeline.numpy_to_pil`
+
+    @property
+    def image_processor(self) -> VaeImageProcessor:
+        """diffusers' `pipe.image_processor`: images to the VAE's [-1, 1] and decoded pixels back to PIL / numpy."""
+        vae = getattr(self, "vae", None)
+        if vae is None:
+            return VaeImageProcessor()
+        return VaeImageProcessor(scale_factor(vae), vae.config.get("latent_channels", 4))
 
     _optional_components: tuple[str, ...] = ()
     _config_keys: tuple[str, ...] = ()  # non-component `__init__` arguments saved in model_index.json

@@ -18,11 +18,20 @@ from stablepipe.image import ImageInput
 from stablepipe.pipelines import arguments, image_stages, stages, vae_codec
 from stablepipe.pipelines.base import StableDiffusionPipelineOutput, diffusers_call
 from stablepipe.pipelines.denoising import Conditioning, StepHook
+from stablepipe.pipelines.image_processor import VaeImageProcessor
 from stablepipe.pipelines.stable_diffusion import StableDiffusionBase
 from stablepipe.random import Generator
 
 
-class StableDiffusionInpaintPipeline(StableDiffusionBase):
+class MaskProcessorMixin:
+    """diffusers' `pipe.mask_processor` of the inpainting pipelines: masks as a call reads them."""
+
+    @property
+    def mask_processor(self) -> VaeImageProcessor:
+        return VaeImageProcessor(self.image_processor.vae_scale_factor, mask=True)
+
+
+class StableDiffusionInpaintPipeline(MaskProcessorMixin, StableDiffusionBase):
     """Inpainting with a 9-channel inpainting UNet or a 4-channel text-to-image UNet."""
 
     _callback_tensor_inputs = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")

@@ -21,7 +21,7 @@ from stablepipe.outputs import BaseOutput
 from stablepipe.pipelines import arguments, image_stages, sdxl_stages, stages, text, vae_codec
 from stablepipe.pipelines.base import DiffusionPipeline, diffusers_call, processor_kwargs
 from stablepipe.pipelines.denoising import Conditioning
-from stablepipe.pipelines.inpaint import InpaintStages, paste_back
+from stablepipe.pipelines.inpaint import InpaintStages, MaskProcessorMixin, paste_back
 from stablepipe.pipelines.ip_adapter import IPAdapterPipelineMixin, ip_adapter_unet_kwargs
 from stablepipe.pipelines.sdxl_stages import MicroConditioning
 from stablepipe.pipelines.text import PromptEmbeds
@@ -424,7 +424,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLImageBase):
         return self.finish(latents, output_type, return_dict)
 
 
-class StableDiffusionXLInpaintPipeline(StableDiffusionXLImageBase):
+class StableDiffusionXLInpaintPipeline(MaskProcessorMixin, StableDiffusionXLImageBase):
     """SDXL inpainting with the base model or refiner (4-channel UNet: the known area is blended back after each
     step) or an SDXL inpainting UNet (9 channels). The latents, mask and blending stages are Stable Diffusion
     inpainting's; SDXL adds its conditioning, the float32 VAE and `denoising_start` / `denoising_end`."""
