@@ -311,3 +311,14 @@ def test_callbacks_changing_the_guidance_match_diffusers(sd1_folder, callback):
     assert ours.do_classifier_free_guidance == theirs.do_classifier_free_guidance
     plain = ours(generator=torch.Generator().manual_seed(0), **{**call, "callback_on_step_end": None}).images
     assert max_diff(a, plain) > 1e-3  # the callback did change the picture
+
+
+def test_device_map_puts_the_pipeline_on_one_device(sd1_folder):
+    pipe = stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder, device_map="cpu")
+    assert pipe.device == torch.device("cpu") and pipe.unet.device == torch.device("cpu")
+    pipe = stablepipe.DiffusionPipeline.from_pretrained(sd1_folder, device_map={"": "cpu"})
+    assert isinstance(pipe, stablepipe.StableDiffusionPipeline) and pipe.vae.device == torch.device("cpu")
+    with pytest.raises(ValueError, match="one device"):
+        stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder, device_map="balanced")
+    with pytest.raises(ValueError, match="not a device"):
+        stablepipe.StableDiffusionPipeline.from_pretrained(sd1_folder, device_map="gpu0")

@@ -173,6 +173,7 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
             return named.from_pretrained(
                 path_or_repo_id, torch_dtype=torch_dtype, variant=variant, revision=revision, **hub_kwargs, **kwargs
             )
+        device = device_from_map(kwargs.pop("device_map", None))
         given = {k: kwargs.pop(k) for k in list(kwargs) if k in cls.component_names() or k in cls._config_keys}
         if kwargs:
             raise TypeError(f"{cls.__name__}.from_pretrained got unknown arguments {sorted(kwargs)}")
@@ -186,7 +187,8 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
             torch_dtype=torch_dtype, variant=variant, pipeline_name=cls.__name__,
         )
         config = {k: index[k] for k in cls._config_keys if k in index}
-        return cls(**loaded, **{**config, **{k: v for k, v in given.items() if k in cls._config_keys}})
+        pipe = cls(**loaded, **{**config, **{k: v for k, v in given.items() if k in cls._config_keys}})
+        return pipe if device is None else pipe.to(device)
 
     @classmethod
     def from_single_file(
@@ -241,6 +243,26 @@ class DiffusionPipeline(LoraLoaderMixin, TextualInversionLoaderMixin, MemoryOpti
     @staticmethod
     def warn_once(message: str) -> None:
         warnings.warn(message, stacklevel=3)
+
+
+def device_from_map(device_map: Any) -> torch.device | None:
+    """diffusers' `device_map=` for a whole pipeline: one device ("cuda", "cpu", torch.device, {"": "cuda:1"}) the
+    loaded pipeline moves to; None: where the weights were loaded (the CPU)."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict) and set(device_map) == {""}:
+        device_map = device_map[""]
+    if isinstance(device_map, torch.device | int) or (
+        isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential")
+    ):
+        try:
+            return torch.device(device_map)
+        except (RuntimeError, TypeError) as error:
+            raise ValueError(f"device_map={device_map!r} is not a device: {error}") from error
+    raise ValueError(
+        f"device_map={device_map!r}: stablepipe puts a whole pipeline on one device; give that device "
+        "(device_map='cuda', 'cpu' or {'': 'cuda:1'}), or call enable_model_cpu_offload() to save GPU memory"
+    )
 
 
 def pipeline_class(name: Any, *, where: str | None = None) -> type[DiffusionPipeline]:

@@ -54,7 +54,7 @@ class StableDiffusionImageVariationPipeline(StableDiffusionBase):
     """Variations of an image with Stable Diffusion, conditioned on its CLIP image embedding."""
 
     image_tensors_are_clip_pixels = True  # a tensor `image` is the feature extractor's output (arguments.py)
-    _optional_components = ("safety_checker", "feature_extractor")
+    _optional_components = ("safety_checker",)  # as diffusers: the feature extractor prepares the image
     _callback_tensor_inputs = ("latents",)
     _latent_unet = True
 
