@@ -306,3 +306,32 @@ def test_text_is_encoded_once_per_image_whatever_the_steps(sd1_folder):
     assert calls["text"] - first["text"] == first["text"] == 2  # prompt and negative prompt, once each
     steps = (first_steps, len(pipe.scheduler.timesteps))  # PNDM: one more timestep than steps
     assert (first["unet"], calls["unet"] - first["unet"]) == steps  # one batched (uncond, cond) call per timestep
+
+
+# ---- layerwise casting (weights stored in float8, each layer computed in the model's dtype) --------------------
+
+
+def test_layerwise_casting_stores_float8_and_computes_in_the_model_dtype(sd1_folder, unet_inputs):
+    """The result is the model run on its weights rounded to float8 once, in float32: nothing else changes."""
+    sample, t, context = unet_inputs
+    cast = load(sd1_folder)
+    rounded = load(sd1_folder)
+    cast.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    kept = []
+    for name, module in rounded.unet.named_modules():  # the same layers, rounded by hand and left in float32
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and "norm" not in name:
+            module.weight.data = module.weight.data.to(torch.float8_e4m3fn).float()
+            if module.bias is not None:
+                module.bias.data = module.bias.data.to(torch.float8_e4m3fn).float()
+            kept.append(name)
+    layers = dict(cast.unet.named_modules())
+    assert kept and all(layers[name].weight.dtype == torch.float8_e4m3fn for name in kept)
+    assert cast.unet.conv_norm_out.weight.dtype == torch.float32  # norms are skipped
+    assert cast.unet.dtype == torch.float32  # what the pipeline casts its inputs to
+    with torch.no_grad():
+        ours = cast.unet(sample, t, context).sample
+        expected = rounded.unet(sample, t, context).sample
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+    assert all(layers[name].weight.dtype == torch.float8_e4m3fn for name in kept)  # back in storage after
+    image = run(cast)
+    assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()

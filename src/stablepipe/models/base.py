@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,20 @@ from stablepipe.loading.files import (
     load_state_dict,
     snapshot,
 )
+
+
+LAYERWISE_CAST_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                         nn.ConvTranspose3d)
+LAYERWISE_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")  # diffusers' defaults
+
+
+def _cast_hook(dtype: torch.dtype, non_blocking: bool):
+    """A forward hook (pre or post) that casts its module's weights to `dtype`."""
+
+    def hook(module: nn.Module, *_: Any) -> None:
+        module.to(dtype, non_blocking=non_blocking)
+
+    return hook
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -63,7 +78,34 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
+        """The dtype the model computes in (with layerwise casting, not the storage dtype of its weights)."""
+        return self.__dict__.get("_layerwise_compute_dtype") or next(self.parameters()).dtype
+
+    def enable_layerwise_casting(
+        self,
+        storage_dtype: torch.dtype = torch.float8_e4m3fn,
+        compute_dtype: torch.dtype | None = None,
+        skip_modules_pattern: tuple[str, ...] | None = None,
+        skip_modules_classes: tuple[type, ...] | None = None,
+        non_blocking: bool = False,
+    ) -> None:
+        """diffusers' layerwise casting: the weights of the linear and convolution layers are stored in
+        `storage_dtype` (float8: a quarter of float32's memory) and each layer is cast to `compute_dtype` (the
+        model's dtype by default) just for its own forward. Layers whose name matches a `skip_modules_pattern`
+        regex (default: norms, positional and patch embeddings, proj_in / proj_out) or is a `skip_modules_classes`
+        instance stay as they are."""
+        compute_dtype = compute_dtype or self.dtype
+        patterns = LAYERWISE_SKIP_PATTERNS if skip_modules_pattern is None else tuple(skip_modules_pattern)
+        skip = tuple(skip_modules_classes or ())
+        for name, module in self.named_modules():
+            if not isinstance(module, LAYERWISE_CAST_LAYERS) or isinstance(module, skip):
+                continue
+            if any(re.search(pattern, name) for pattern in patterns):
+                continue
+            module.to(storage_dtype)
+            module.register_forward_pre_hook(_cast_hook(compute_dtype, non_blocking))
+            module.register_forward_hook(_cast_hook(storage_dtype, non_blocking))
+        self.__dict__["_layerwise_compute_dtype"] = compute_dtype
 
     @classmethod
     def from_pretrained(
