@@ -83,7 +83,7 @@ def load_transformers_model(
     kwargs: dict[str, Any] = {"output_loading_info": True}
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    if variant is not None and any(folder.glob(f"*.{variant}.*")):
+    if variant is not None:  # load_components passes a variant only where the folder has its files
         kwargs["variant"] = variant
     model, info = cls.from_pretrained(folder, **kwargs)
     problems = {k: info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)}

@@ -116,19 +116,18 @@ class Conditioning:
     extra_channels: torch.Tensor | None = None  # concatenated to the UNet input (inpainting mask, depth)
     concept_embeds: torch.Tensor | None = None  # (B, L, D); after (uncond, cond): SLD's safety concept
 
+    def parts(self) -> list[str]:
+        """The names of the stacked embeddings, in the order they are stacked."""
+        names = ("negative_prompt_embeds", "prompt_embeds", "concept_embeds")
+        return [name for name in names if getattr(self, name) is not None]
+
     def encoder_hidden_states(self) -> torch.Tensor:
-        parts = (self.negative_prompt_embeds, self.prompt_embeds, self.concept_embeds)
-        return torch.cat([p for p in parts if p is not None])  # (copies * B, L, D)
+        return torch.cat([getattr(self, name) for name in self.parts()])  # (copies * B, L, D)
 
     @property
     def copies(self) -> int:
         """How many stacked batches the embeddings hold: 1, 2 (uncond, cond) or 3 (+ concept)."""
-        return 1 + (self.negative_prompt_embeds is not None) + (self.concept_embeds is not None)
-
-    def parts(self) -> list[str]:
-        """The names of the stacked embeddings, in `encoder_hidden_states` order."""
-        names = ("negative_prompt_embeds", "prompt_embeds", "concept_embeds")
-        return [name for name in names if getattr(self, name) is not None]
+        return len(self.parts())
 
     def unstack(self, hidden: torch.Tensor) -> None:
         """Take `hidden` (copies * B, L, D), stacked as `encoder_hidden_states` gives it, back apart; a tensor of
